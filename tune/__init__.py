@@ -1,0 +1,1 @@
+"""tune: the (BG, FG) threshold-search system built on the wsss pipeline library."""

@@ -1,0 +1,132 @@
+"""One typed config for a whole search, loaded from YAML with ``--set key=value`` overrides.
+
+Unknown keys and wrong types are errors naming the dotted key, so a typo in a 30-line YAML never
+silently falls back to a default. Relative paths are resolved against the current directory when
+the config is loaded, so every later stage (and every Ray worker) sees absolute paths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from wsss.cam import CamSpec
+from wsss.classifier import ClassifierSpec
+from wsss.data import DataSpec
+from wsss.errors import UserError
+from wsss.regions import check_pair
+from wsss.spec import Spec
+
+
+class Section(Spec):
+    """A config section that belongs to the search system rather than to a pipeline stage."""
+
+
+class SurfaceConfig(Section):
+    space: Literal["paper", "extended", "pairs"] = "paper"
+    pairs: list[tuple[float, float]] | None = None
+
+    @model_validator(mode="after")
+    def _pairs_given(self) -> SurfaceConfig:
+        if self.space == "pairs":
+            if not self.pairs:
+                raise ValueError("space 'pairs' needs a non-empty 'pairs' list")
+            for i, (bg, fg) in enumerate(self.pairs):
+                check_pair(bg, fg, where=f"surface.pairs[{i}]")
+        return self
+
+
+class RuntimeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
+    runs_root: Path = Path("runs")
+    progress: bool = True
+
+
+class Config(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataSpec
+    classifier: ClassifierSpec = Field(default_factory=ClassifierSpec)
+    cam: CamSpec = Field(default_factory=CamSpec)
+    surface: SurfaceConfig = Field(default_factory=SurfaceConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+PACKAGED = Path(__file__).with_name("configs")
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with the package (usable as ``--config NAME``)."""
+    return sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+
+
+def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
+    path = Path(source)
+    if path.is_file():
+        text, where = path.read_text(), str(path)
+    elif str(source) in packaged_configs():
+        text = (PACKAGED / f"{source}.yaml").read_text()
+        where = f"packaged config {source!r}"
+    else:
+        raise UserError(f"config {str(source)!r} not found: give a YAML file path or one of the "
+                        f"packaged configs {packaged_configs()}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{where} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must hold a mapping of sections, got {type(data).__name__}")
+    return data, where
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override; the value is parsed as YAML (``3``, ``[1, 2]``)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {assignment!r}: expected key=value, e.g. classifier.epochs=3")
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: {'.'.join(parents[:i + 1])} is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> None:
+    for name, value in model:
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(model, name, (base / value).resolve())
+        elif isinstance(value, BaseModel):
+            _resolve_paths(value, base)
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}{got}")
+    return f"invalid config {where}:\n" + "\n".join(lines)
+
+
+def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                base_dir: Path | None = None) -> Config:
+    """Load a YAML file (or a packaged config by name), apply overrides, validate, resolve paths."""
+    data, where = _read_yaml(source)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, where)) from None
+    _resolve_paths(cfg, (base_dir or Path.cwd()).resolve())
+    return cfg

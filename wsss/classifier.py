@@ -1,0 +1,216 @@
+"""Multi-label image classifier on any timm backbone, the source of our CAMs.
+
+As in IRN/PSA: backbone features -> global average pooling -> a bias-free 1x1 conv classifier,
+trained with multi-label BCE. The same 1x1 conv applied before pooling gives the CAMs, so a CAM is
+exactly the evidence the classifier used. Backbones come from ``timm.create_model`` with
+``pretrained=False`` unless the user gives a local weights file (nothing is ever downloaded), and
+with a small ``output_stride`` so that CAMs of small images are not 2x2 maps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Literal
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score
+from torch import nn
+from pydantic import Field, field_validator
+from torch.utils.data import DataLoader, Dataset
+
+from wsss.data import SegDataset
+from wsss.errors import UserError
+from wsss.spec import Spec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("runtime.device is 'cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def create_backbone(model: str, output_stride: int, weights: Path | None = None) -> nn.Module:
+    """A timm feature extractor (all levels); weights only from a local file."""
+    kwargs: dict = {"features_only": True, "output_stride": output_stride}
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise UserError(f"classifier.weights: file {weights} not found")
+        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}}
+    try:
+        return timm.create_model(model, **kwargs)
+    except RuntimeError as e:  # timm's "Unknown model" / unsupported output_stride
+        raise UserError(f"classifier.model {model!r}: {e}") from None
+    except (TypeError, AssertionError) as e:
+        raise UserError(f"classifier.model {model!r} does not support output_stride="
+                        f"{output_stride} as a feature extractor: {e}") from None
+
+
+class CamClassifier(nn.Module):
+    """Backbone + GAP + bias-free 1x1 classifier; ``cam`` applies the classifier before pooling."""
+
+    def __init__(self, backbone: nn.Module, num_foreground: int):
+        super().__init__()
+        self.backbone = backbone
+        channels = backbone.feature_info.channels()[-1]
+        self.classifier = nn.Conv2d(channels, num_foreground, kernel_size=1, bias=False)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """All feature levels (AffinityNet reuses them, frozen)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.backbone(x)[-1].mean(dim=(2, 3), keepdim=True)
+        return self.classifier(pooled).flatten(1)
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU'd class activation maps ``[B, num_foreground, h, w]`` at the output stride."""
+        return F.relu(self.classifier(self.backbone(x)[-1]))
+
+
+def normalise_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` with ImageNet statistics."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class ClassifierSpec(Spec):
+    """The ``classifier`` config section: backbone and training hyper-parameters."""
+
+    model: str = "test_resnet"
+    output_stride: Literal[8, 16, 32] = 8
+    weights: Path | None = Field(None, description="local timm weights file; never downloaded")
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    crop_size: int | None = Field(None, ge=16, description="random crop; None = whole images")
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    hflip: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("expected 0 < min <= max")
+        return v
+
+    def backbone(self) -> nn.Module:
+        return create_backbone(self.model, self.output_stride, self.weights)
+
+
+class _ClassificationSet(Dataset):
+    """Images and multi-hot labels with IRN-like augmentation (rescale, flip, pad + crop)."""
+
+    def __init__(self, data: SegDataset, spec: ClassifierSpec | None, labels: np.ndarray):
+        self.data, self.spec, self.labels = data, spec, labels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = torch.from_numpy(self.data.image(i))
+        if self.spec is not None:
+            img = _augment(img, self.spec)
+        return img, torch.from_numpy(self.labels[i])
+
+
+def _augment(img: torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
+    lo, hi = spec.scale_range
+    if (lo, hi) != (1.0, 1.0):
+        s = float(torch.empty(()).uniform_(lo, hi))
+        h, w = img.shape[:2]
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        img = F.interpolate(img.permute(2, 0, 1)[None].float(), size=size, mode="bilinear",
+                            align_corners=False)[0].round().clamp(0, 255).byte().permute(1, 2, 0)
+    if spec.hflip and bool(torch.rand(()) < 0.5):
+        img = img.flip(1)
+    if spec.crop_size is not None:
+        c = spec.crop_size
+        h, w = img.shape[:2]
+        canvas = torch.zeros((max(h, c), max(w, c), 3), dtype=torch.uint8)
+        canvas[:h, :w] = img
+        top = int(torch.randint(0, canvas.shape[0] - c + 1, ()))
+        left = int(torch.randint(0, canvas.shape[1] - c + 1, ()))
+        img = canvas[top:top + c, left:left + c]
+    return img
+
+
+def _loader(data: SegDataset, spec: ClassifierSpec, labels: np.ndarray, train: bool) -> DataLoader:
+    if spec.crop_size is None and len({data.size(i) for i in range(len(data))}) > 1:
+        raise UserError("images differ in size: set classifier.crop_size to train in batches")
+    g = torch.Generator().manual_seed(spec.seed)
+    return DataLoader(_ClassificationSet(data, spec if train else None, labels),
+                      batch_size=spec.batch_size, shuffle=train, generator=g,
+                      num_workers=spec.num_workers, drop_last=False)
+
+
+def train_classifier(model: CamClassifier, train: SegDataset, spec: ClassifierSpec,
+                     device: torch.device,
+                     progress: Callable[[int, float], None] | None = None) -> CamClassifier:
+    """Train with multi-label BCE, AdamW and a cosine schedule; deterministic for a seed on CPU."""
+    torch.manual_seed(spec.seed)
+    model.to(device).train()
+    loader = _loader(train, spec, train.label_matrix(), train=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, pct_start=0.15,
+                                                total_steps=spec.epochs * len(loader))
+    for epoch in range(spec.epochs):
+        total = 0.0
+        for images, targets in loader:
+            logits = model(normalise_images(images.to(device)))
+            loss = F.binary_cross_entropy_with_logits(logits, targets.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(images)
+        if progress is not None:
+            progress(epoch, total / len(train))
+    return model.eval()
+
+
+@torch.no_grad()
+def mean_average_precision(model: CamClassifier, data: SegDataset, device: torch.device,
+                           batch_size: int = 64) -> float:
+    """Macro mAP over the classes present in ``data`` (sklearn's average precision)."""
+    model.eval()
+    labels = data.label_matrix()
+    same_size = len({data.size(i) for i in range(len(data))}) == 1
+    spec = ClassifierSpec(batch_size=batch_size if same_size else 1)
+    scores = [torch.sigmoid(model(normalise_images(x.to(device)))).cpu()
+              for x, _ in _loader(data, spec, labels, train=False)]
+    probs = torch.cat(scores).numpy()
+    present = labels.sum(axis=0) > 0
+    return float(average_precision_score(labels[:, present], probs[:, present], average="macro"))
+
+
+def save_classifier(model: CamClassifier, path: Path, meta: dict) -> None:
+    """Atomically save weights plus what is needed to rebuild the model."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_classifier(path: Path, device: torch.device) -> tuple[CamClassifier, dict]:
+    """Rebuild a saved classifier (no download: the backbone is created without weights)."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    meta = ckpt["meta"]
+    model = CamClassifier(create_backbone(meta["model"], meta["output_stride"]),
+                          meta["num_foreground"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), meta

@@ -1,0 +1,127 @@
+"""Memory-mapped stores shared by every trial: many float16 arrays of different shapes in one file.
+
+A store is a folder: ``data.npy`` (one flat float16 array), ``index.json`` (per item: id, shape,
+offset and free-form metadata) and ``manifest.json`` (what produced it: config hash, dataset
+fingerprint, ...). It is written into a temporary sibling folder and renamed into place, so a
+reader never sees a half-written store, and reopened read-only (``np.load(mmap_mode="r")``) by
+any process without copying: Ray trials share the page cache instead of the object store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from wsss.cam import cam_scores
+from wsss.errors import UserError
+
+STORE_VERSION = 1
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON via a temp file + rename, so a crash never leaves a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """Write a DataFrame as CSV via a temp file + rename (creating the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class RaggedStore:
+    """Read-only view of a store: ``store[i]`` is item i's float16 array (a memmap view)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.manifest: dict[str, Any] = json.loads((self.path / "manifest.json").read_text())
+            index = json.loads((self.path / "index.json").read_text())
+            self._data = np.load(self.path / "data.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UserError(f"store {self.path} is missing or damaged ({e}); delete the folder "
+                            "to rebuild it") from None
+        self.ids: list[str] = index["ids"]
+        self.shapes: list[tuple[int, ...]] = [tuple(s) for s in index["shapes"]]
+        self.offsets: list[int] = index["offsets"]
+        self.meta: dict[str, list[Any]] = index["meta"]
+        self._pos = {k: i for i, k in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        n = int(np.prod(self.shapes[i]))
+        return self._data[self.offsets[i]:self.offsets[i] + n].reshape(self.shapes[i])
+
+    def position(self, image_id: str) -> int:
+        return self._pos[image_id]
+
+    @staticmethod
+    def is_current(path: str | Path, manifest: dict[str, Any]) -> bool:
+        """True when a complete store exists at ``path`` with exactly this manifest."""
+        try:
+            found = json.loads((Path(path) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return found == {**manifest, "version": STORE_VERSION}
+
+    @classmethod
+    def write(cls, path: str | Path, ids: Sequence[str], shapes: Sequence[tuple[int, ...]],
+              arrays: Iterable[np.ndarray], manifest: dict[str, Any],
+              meta: dict[str, list[Any]] | None = None) -> RaggedStore:
+        """Fill a new store from ``arrays`` (in ``ids`` order, each of its declared shape)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sizes = [int(np.prod(s)) for s in shapes]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        data = np.lib.format.open_memmap(tmp / "data.npy", mode="w+", dtype=np.float16,
+                                         shape=(max(offsets[-1], 1),))
+        count = 0
+        for i, arr in enumerate(arrays):
+            if tuple(arr.shape) != tuple(shapes[i]):
+                raise ValueError(f"item {ids[i]}: shape {arr.shape}, declared {shapes[i]}")
+            data[offsets[i]:offsets[i + 1]] = np.asarray(arr, dtype=np.float16).ravel()
+            count += 1
+        if count != len(ids):
+            raise ValueError(f"store got {count} arrays for {len(ids)} ids")
+        data.flush()
+        del data
+        write_json_atomic(tmp / "index.json", {"ids": list(ids), "shapes": [list(s) for s in shapes],
+                                               "offsets": offsets[:-1], "meta": meta or {}})
+        write_json_atomic(tmp / "manifest.json", {**manifest, "version": STORE_VERSION})
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        return cls(path)
+
+
+class CamStore(RaggedStore):
+    """CAMs of one split: per image its present class ids (1-based) and its image size."""
+
+    def keys(self, i: int) -> np.ndarray:
+        return np.asarray(self.meta["keys"][i], dtype=np.int64)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        h, w = self.meta["image_size"][i]
+        return int(h), int(w)
+
+    def scores(self, i: int) -> np.ndarray:
+        """Normalised float32 scores ``[K, H, W]`` at image resolution (DESIGN §4)."""
+        return cam_scores(self[i], self.image_size(i))
