@@ -89,7 +89,7 @@ def normalise_images(images: torch.Tensor) -> torch.Tensor:
 class ClassifierSpec(Spec):
     """The ``classifier`` config section: backbone and training hyper-parameters."""
 
-    model: str = "test_resnet"
+    model: str = "test_byobnet"
     output_stride: Literal[8, 16, 32] = 8
     weights: Path | None = Field(None, description="local timm weights file; never downloaded")
     epochs: int = Field(15, ge=1)

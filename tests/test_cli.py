@@ -1,0 +1,50 @@
+"""The CLI: user errors are one line and exit 2; the surface command writes its CSV."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tune.cli import main
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "tune.cli", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=600)
+
+
+def test_bad_config_is_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("name: x\ndata: {root: d}\nclassifier: {epochz: 3}\n")
+    r = run_cli("surface", "--config", str(bad), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "classifier.epochz: unknown key" in r.stderr and str(bad) in r.stderr
+
+
+def test_missing_dataset_names_the_folder(tmp_path, capsys):
+    assert main(["surface", "--config", "ci", "--set", "data.synthetic=null",
+                 "--set", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert f"data.root {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+
+
+def test_make_data(tmp_path, capsys):
+    assert main(["make-data", "--out", str(tmp_path / "d"), "--n-train", "6", "--n-val", "2",
+                 "--size", "32", "--classes", "3"]) == 0
+    assert len((tmp_path / "d/ImageSets/Segmentation/train.txt").read_text().split()) == 6
+    assert main(["make-data", "--out", str(tmp_path / "e"), "--n-train", "2", "--n-val", "1",
+                 "--classes", "99"]) == 2
+    assert "classes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_surface_command_end_to_end(tmp_path):
+    r = run_cli("surface", "--config", "ci", "--set", "classifier.epochs=2",
+                "--set", "data.synthetic.n_train=40", "--set", "data.synthetic.n_val=16",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "best PQS" in r.stdout and "degenerate" in r.stdout and "%" in r.stdout
+    table = pd.read_csv(tmp_path / "runs" / "ci" / "surface_initial.csv")
+    assert len(table) == 32 and {"bg", "fg", "npr", "miou_nn", "pqs", "degenerate"} <= set(table)
+    assert table.pqs.between(0, 1).all()
