@@ -126,7 +126,8 @@ def threshold_surface(
     """Initial-region metrics of every (BG, FG) pair in **one pass** over the pixels.
 
     Each pixel's max score is coded against the sorted unique thresholds ``t`` as
-    ``#{t < m} + #{t <= m}``: even codes fall strictly between thresholds, odd code ``2k + 1``
+    ``#{t < m} + #{t <= m}`` (one binary search over ``t`` interleaved with each threshold's
+    float32 successor): even codes fall strictly between thresholds, odd code ``2k + 1``
     means ``m == t[k]``. Then ``m <= t[k]`` iff code ``<= 2k + 1`` and ``m >= t[k]`` iff code
     ``>= 2k + 1``, so one histogram over (code, argmax class, GT class) and its cumulative sum give
     every pair's confusion matrix and neutral count without revisiting a pixel.
@@ -136,6 +137,8 @@ def threshold_surface(
     (in the given order) with ``bg, fg, npr, miou_nn, pqs, miou, degenerate``.
     """
     checked, positions, t = _pair_table(pairs)
+    # #{edges <= m} = #{t <= m} + #{t < m}: no float32 lies between t and its successor
+    edges = np.stack([t, np.nextafter(t, np.float32(np.inf))], axis=1).ravel()
     c, g = num_classes, num_classes + 1
     n_codes = 2 * t.size + 1
     hist = np.zeros(n_codes * c * g, dtype=np.int64)
@@ -145,7 +148,7 @@ def threshold_surface(
         m, cls = max_and_argmax(s, k)
         if m.shape != gt.shape:
             raise ValueError(f"scores {m.shape} and ground truth {gt.shape} differ in shape")
-        code = np.searchsorted(t, m, side="left") + np.searchsorted(t, m, side="right")
+        code = np.searchsorted(edges, m, side="right")
         pending.append(((code * c + cls) * g + _gt_index(gt, c)).ravel())
         n_pending += m.size
         if n_pending >= _CHUNK:

@@ -43,11 +43,12 @@ def max_and_argmax(scores: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
     if keys.size == 0:
         shape = scores.shape[1:]
         return np.zeros(shape, np.float32), np.zeros(shape, np.int64)
+    if keys.size == 1:
+        return scores[0].astype(np.float32), np.full(scores.shape[1:], keys[0], np.int64)
     order = np.argsort(keys, kind="stable")
     s = scores[order].astype(np.float32, copy=False)
     idx = s.argmax(axis=0)  # first maximum = lowest class id, since keys are now ascending
-    m = np.take_along_axis(s, idx[None], axis=0)[0]
-    return m, keys[order][idx]
+    return s.max(axis=0), keys[order][idx]
 
 
 def confident_regions(scores: np.ndarray, keys: np.ndarray, bg: float, fg: float) -> np.ndarray:
