@@ -1,9 +1,8 @@
 """Classifier backbones (timm, local weights only) and multi-scale + flip CAMs."""
 
+import pytest
 import timm
 import torch
-
-import pytest
 
 from wsss.cam import CamSpec, multiscale_cams
 from wsss.classifier import CamClassifier, create_backbone
@@ -17,7 +16,10 @@ def test_local_weights_file_is_loaded(tmp_path):
     loaded = create_backbone("test_byobnet", 8, path).state_dict()
     fresh = create_backbone("test_byobnet", 8).state_dict()
     reference = source.state_dict()
-    key = lambda k: k.replace("stages_", "stages.")  # features_only renames stage modules
+
+    def key(k: str) -> str:
+        return k.replace("stages_", "stages.")  # features_only renames the stage modules
+
     assert all(torch.equal(v, reference[key(k)]) for k, v in loaded.items())
     assert not all(torch.equal(v, reference[key(k)]) for k, v in fresh.items())
 

@@ -7,8 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsss.errors import UserError
-from wsss.metrics import (confusion, iou_per_class, mean_iou, region_metrics, tecm, tecm_aggregate,
-                          threshold_surface, transition_counts)
+from wsss.metrics import (
+    confusion,
+    iou_per_class,
+    mean_iou,
+    region_metrics,
+    tecm,
+    tecm_aggregate,
+    threshold_surface,
+    transition_counts,
+)
 from wsss.regions import NEUTRAL, confident_regions, max_and_argmax
 
 # One 2x3 image, classes 1 and 2 present, C = 3 (background + 2).

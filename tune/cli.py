@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("surface", help="initial-region metrics (NPR, mIoU, PQS) for every grid "
                                        "pair: data -> classifier -> CAM store -> one-pass surface")
     _config_args(p)
-    p.add_argument("--out", type=Path, help="CSV path (default: <runs_root>/<name>/surface_initial.csv)")
+    p.add_argument("--out", type=Path,
+                   help="CSV path (default: <runs_root>/<name>/surface_initial.csv)")
     return parser
 
 

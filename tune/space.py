@@ -18,7 +18,8 @@ def _grid(bg_max: float, gaps: tuple[float, ...], fg_max: float) -> list[tuple[f
             if round(float(bg) + gap, 4) <= fg_max]
 
 
-def grid_pairs(space: str, pairs: list[tuple[float, float]] | None = None) -> list[tuple[float, float]]:
+def grid_pairs(space: str,
+               pairs: list[tuple[float, float]] | None = None) -> list[tuple[float, float]]:
     """Pairs of a named grid: ``paper`` (32 pairs, 8 with BG = FG), ``extended``, or ``pairs``."""
     if space == "paper":
         return _grid(0.40, PAPER_GAPS, 1.0)

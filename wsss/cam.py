@@ -54,7 +54,8 @@ def multiscale_cams(model: CamClassifier, images: torch.Tensor, spec: CamSpec) -
     total = None
     for scale in spec.scales:
         xs = x if scale == 1.0 else F.interpolate(
-            x, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+            x, scale_factor=scale, mode="bilinear", align_corners=False,
+            recompute_scale_factor=False)
         cam = model.cam(xs)
         if spec.flip:
             cam = cam + model.cam(xs.flip(-1)).flip(-1)

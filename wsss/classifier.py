@@ -9,21 +9,21 @@ with a small ``output_stride`` so that CAMs of small images are not 2x2 maps.
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Callable
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from sklearn.metrics import average_precision_score
 from torch import nn
-from pydantic import Field, field_validator
 from torch.utils.data import DataLoader, Dataset
 
-from wsss.data import SegDataset
+from wsss.data import SegDataset, atomic_write_bytes
 from wsss.errors import UserError
 from wsss.spec import Spec
 
@@ -201,9 +201,9 @@ def mean_average_precision(model: CamClassifier, data: SegDataset, device: torch
 
 def save_classifier(model: CamClassifier, path: Path, meta: dict) -> None:
     """Atomically save weights plus what is needed to rebuild the model."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_classifier(path: Path, device: torch.device) -> tuple[CamClassifier, dict]:

@@ -22,9 +22,15 @@ import torch
 from tqdm import tqdm
 
 from wsss.cam import CamSpec, extract_cams, strided_size
-from wsss.classifier import (CamClassifier, ClassifierSpec, load_classifier,
-                             mean_average_precision, resolve_device, save_classifier,
-                             train_classifier)
+from wsss.classifier import (
+    CamClassifier,
+    ClassifierSpec,
+    load_classifier,
+    mean_average_precision,
+    resolve_device,
+    save_classifier,
+    train_classifier,
+)
 from wsss.data import DataSpec, SegDataset
 from wsss.metrics import threshold_surface
 from wsss.store import CamStore, write_json_atomic
@@ -65,7 +71,7 @@ def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None,
             bar.update()
         train_classifier(model, train, spec, device, progress=on_epoch)
     stats = {"classifier_train_s": round(time.perf_counter() - start, 2),
-             "classifier_map": mean_average_precision(model, val, device) if val is not None else None,
+             "classifier_map": None if val is None else mean_average_precision(model, val, device),
              "classifier_params": sum(p.numel() for p in model.parameters())}
     save_classifier(model, path, {"model": spec.model, "output_stride": spec.output_stride,
                                   "num_foreground": train.num_classes - 1,

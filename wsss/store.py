@@ -20,24 +20,21 @@ import numpy as np
 import pandas as pd
 
 from wsss.cam import cam_scores
+from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
 
 STORE_VERSION = 1
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temp file + rename, so a crash never leaves a truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """JSON via temp file + rename, so a crash never leaves a truncated file."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write a DataFrame as CSV via a temp file + rename (creating the folder)."""
+    """A DataFrame as CSV via temp file + rename (creating the folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, frame.to_csv(index=False).encode())
 
 
 class RaggedStore:
@@ -101,8 +98,9 @@ class RaggedStore:
             raise ValueError(f"store got {count} arrays for {len(ids)} ids")
         data.flush()
         del data
-        write_json_atomic(tmp / "index.json", {"ids": list(ids), "shapes": [list(s) for s in shapes],
-                                               "offsets": offsets[:-1], "meta": meta or {}})
+        index = {"ids": list(ids), "shapes": [list(s) for s in shapes], "offsets": offsets[:-1],
+                 "meta": meta or {}}
+        write_json_atomic(tmp / "index.json", index)
         write_json_atomic(tmp / "manifest.json", {**manifest, "version": STORE_VERSION})
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
