@@ -11,10 +11,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from wsss.errors import UserError
+
+if TYPE_CHECKING:
+    from wsss.data import SegDataset
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +46,48 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--out", type=Path,
                    help="CSV path (default: <runs_root>/<name>/surface_initial.csv)")
+
+    p = sub.add_parser("trial", help="one (BG, FG) trial without Ray: AffinityNet on cached "
+                                     "features, random walk, pseudo-labels, TECM (+ PQS)")
+    _config_args(p)
+    p.add_argument("--bg", required=True, type=float, help="confident background: max score <= BG")
+    p.add_argument("--fg", required=True, type=float, help="confident foreground: max score >= FG")
+    p.add_argument("--export-labels", type=Path, metavar="DIR",
+                   help="write the trial images' pseudo-labels as VOC palette PNGs")
+
+    p = sub.add_parser("import-cams", help="import IRN / PuzzleCAM CAM .npy files into a CAM "
+                                           "store that the later stages read")
+    p.add_argument("--format", required=True, choices=["irn", "puzzlecam"])
+    p.add_argument("--dir", required=True, type=Path, help="folder of <id>.npy CAM files")
+    _dataset_args(p, split_default="train")
+    p.add_argument("--out", type=Path, help="store folder (default: <DIR>/wsss-cam-store)")
+    p.add_argument("--resolution", choices=["high", "strided"], default="high",
+                   help="high: the image-size CAMs their evaluate scripts threshold (default); "
+                        "strided: the stride-4 CAMs (a ~16x smaller store)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="the files are pickles, and loading them runs code stored in them: "
+                        "pass this only for your own files")
+
+    p = sub.add_parser("evaluate", help="mIoU of a folder of <id>.png label maps, as PuzzleCAM's "
+                                        "or IRN's evaluate script computes it")
+    p.add_argument("--pred", required=True, type=Path, help="folder of <id>.png predictions")
+    _dataset_args(p, split_default=None)
+    p.add_argument("--protocol", choices=["puzzlecam", "irn"], default="puzzlecam",
+                   help="puzzlecam: 255 is a miss, mean over all classes (default); "
+                        "irn: 255 counts as background, classes never seen are left out")
+    p.add_argument("--json", action="store_true", help="print the fractions as JSON")
     return parser
+
+
+def _dataset_args(p: argparse.ArgumentParser, split_default: str | None) -> None:
+    """Where a VOC-layout split lives: the flags `SegDataset` takes."""
+    p.add_argument("--data", required=True, type=Path, metavar="ROOT",
+                   help="dataset root (VOC layout)")
+    p.add_argument("--split", default=split_default, required=split_default is None,
+                   help="split name: its ids are read from ImageSets/Segmentation/<split>.txt")
+    p.add_argument("--mask-dir", default="SegmentationClass",
+                   help="mask folder under ROOT (e.g. SegmentationClassAug)")
+    p.add_argument("--split-file", type=Path, help="id list to use instead (relative to ROOT)")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -72,21 +117,29 @@ def format_surface(surface: pd.DataFrame) -> str:
     return table.to_string(index=False)
 
 
-def cmd_surface(args: argparse.Namespace) -> None:
+def _prepare(args: argparse.Namespace, features: bool):
+    """Load the config and run stage 0 (cached): the shared start of surface and trial."""
     import torch
 
     from tune.config import load_config
-    from tune.space import grid_pairs
-    from wsss.pipeline import initial_surface, prepare
-    from wsss.store import write_csv_atomic
+    from wsss.pipeline import prepare
 
     cfg = load_config(args.config, args.overrides)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
+    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
+                       affinity=cfg.affinity if features else None,
+                       device=cfg.runtime.device, progress=cfg.runtime.progress)
+    return cfg, prepared
+
+
+def cmd_surface(args: argparse.Namespace) -> None:
+    from tune.space import grid_pairs
+    from wsss.pipeline import initial_surface
+    from wsss.store import write_csv_atomic
+
     start = time.perf_counter()
-    cache = cfg.runtime.runs_root / "stores"
-    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cache, device=cfg.runtime.device,
-                       progress=cfg.runtime.progress)
+    cfg, prepared = _prepare(args, features=False)
     t_prepare = time.perf_counter() - start
     pairs = grid_pairs(cfg.surface.space, cfg.surface.pairs)
     surface = initial_surface(prepared, pairs, cfg.data.eval_subset, cfg.runtime.progress)
@@ -103,7 +156,74 @@ def cmd_surface(args: argparse.Namespace) -> None:
     print(f"\nprepare {t_prepare:.1f} s, surface {t_surface:.2f} s; saved {out}")
 
 
-COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface}
+TRIAL_COLUMNS = ("epoch", "affinity_loss", "tecm", "tecm_pooled", "npr_initial", "npr_pseudo",
+                 "n_to_b", "n_to_f", "pqs_initial", "pqs_pseudo", "pqs_avg", "miou_pseudo")
+
+
+def cmd_trial(args: argparse.Namespace) -> None:
+    from wsss.pipeline import AffinityTrial, run_trial
+    from wsss.pseudo_labels import export_labels
+    from wsss.regions import check_pair
+
+    check_pair(args.bg, args.fg, where="--")
+    start = time.perf_counter()
+    cfg, prepared = _prepare(args, features=True)
+    t_prepare = time.perf_counter() - start
+    trial = AffinityTrial(prepared, cfg.affinity, args.bg, args.fg, device=cfg.runtime.device)
+    rows = []
+    for metrics in run_trial(args.bg, args.fg, prepared, cfg.affinity, trial=trial):
+        rows.append(metrics)
+        print(f"epoch {metrics['epoch']}: TECM {metrics['tecm']:.4f}, "
+              f"PQS {metrics['pqs_initial']:.2%} -> {metrics['pqs_pseudo']:.2%}", flush=True)
+    table = pd.DataFrame(rows)[list(TRIAL_COLUMNS)]
+    print(f"\ntrial (BG, FG) = ({args.bg}, {args.fg}) on {len(prepared.features)} train images"
+          f"{' (degenerate: no neutral pixel)' if rows[-1]['degenerate'] else ''}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.export_labels:
+        n = export_labels(trial.pseudo_labels(), args.export_labels)
+        print(f"wrote {n} pseudo-label PNGs to {args.export_labels}")
+    print(f"prepare {t_prepare:.1f} s, trial {time.perf_counter() - start - t_prepare:.1f} s")
+
+
+def _dataset(args: argparse.Namespace) -> SegDataset:
+    from wsss.data import SegDataset
+
+    return SegDataset(args.data, args.split, mask_dir=args.mask_dir, split_file=args.split_file)
+
+
+def cmd_import_cams(args: argparse.Namespace) -> None:
+    from wsss.interop import import_cams
+
+    data = _dataset(args)
+    out = args.out or args.dir / "wsss-cam-store"
+    store = import_cams(args.format, args.dir, data, out, allow_pickle=args.allow_pickle,
+                        resolution=args.resolution)
+    print(f"{store.path}: {len(store)} images of split {data.split}, {data.num_classes} classes "
+          f"(background included), {args.resolution}-resolution {args.format} CAMs")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from wsss.interop import evaluate_folder
+
+    result = evaluate_folder(args.pred, _dataset(args), args.protocol)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2%}"
+
+    width = max(map(len, result["iou"]))
+    print(f"{result['n_images']} images, {result['protocol']} protocol")
+    for name, value in result["iou"].items():
+        print(f"{name:>{width}}  {pct(value):>7}")
+    print(f"{'mIoU':>{width}}  {pct(result['miou']):>7}")
+
+
+COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface, "trial": cmd_trial,
+            "import-cams": cmd_import_cams, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from wsss.affinity import AffinitySpec
 from wsss.cam import CamSpec
 from wsss.classifier import ClassifierSpec
 from wsss.data import DataSpec
@@ -51,6 +52,7 @@ class Config(Section):
     data: DataSpec
     classifier: ClassifierSpec = Field(default_factory=ClassifierSpec)
     cam: CamSpec = Field(default_factory=CamSpec)
+    affinity: AffinitySpec = Field(default_factory=AffinitySpec)
     surface: SurfaceConfig = Field(default_factory=SurfaceConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 

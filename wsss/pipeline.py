@@ -17,23 +17,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
+from wsss.affinity import (AffinitySpec, EdgeHead, affinity_labels, affinity_loss,
+                           downsample_regions)
 from wsss.cam import CamSpec, extract_cams, strided_size
-from wsss.classifier import (
-    CamClassifier,
-    ClassifierSpec,
-    load_classifier,
-    mean_average_precision,
-    resolve_device,
-    save_classifier,
-    train_classifier,
-)
+from wsss.classifier import (CamClassifier, ClassifierSpec, load_classifier,
+                             mean_average_precision, normalise_images, resolve_device,
+                             save_classifier, train_classifier)
 from wsss.data import DataSpec, SegDataset
-from wsss.metrics import threshold_surface
-from wsss.store import CamStore, write_json_atomic
+from wsss.errors import UserError
+from wsss.metrics import (confusion, region_metrics, tecm_aggregate, threshold_surface,
+                          transition_counts)
+from wsss.pseudo_labels import pseudo_labels
+from wsss.random_walk import propagate
+from wsss.regions import check_pair, confident_regions
+from wsss.store import CamStore, FeatureStore, write_json_atomic
 
 log = logging.getLogger("wsss")
 
@@ -52,6 +54,7 @@ class Prepared:
     val: SegDataset | None
     classifier_path: Path
     cams: CamStore
+    features: FeatureStore | None  # built only when trials will run
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,9 +100,64 @@ def _cam_store(spec: CamSpec, train: SegDataset, classifier_path: Path, manifest
                           meta={"keys": keys, "image_size": [list(s) for s in sizes]})
 
 
+def _levels(backbone: torch.nn.Module, levels: list[int] | None, stride: int) -> list[int]:
+    """Feature levels for the edge head: by default every level at the CAM grid's stride or
+    coarser (IRN's boundary branch uses all stride-4..16 stages)."""
+    reductions = backbone.feature_info.reduction()
+    if levels is None:
+        return [j for j, r in enumerate(reductions) if r >= stride]
+    bad = [j for j in levels if not 0 <= j < len(reductions)]
+    if bad or not levels:
+        raise UserError(f"affinity.levels {levels}: expected indices in 0..{len(reductions) - 1} "
+                        f"(the backbone's levels have strides {reductions})")
+    return sorted(set(levels))
+
+
+@torch.no_grad()
+def _extract_features(model: CamClassifier, data: SegDataset, n: int, levels: list[int],
+                      batch_size: int, device: torch.device):
+    """Yield each of the first ``n`` images' chosen feature levels (float16 numpy arrays)."""
+    for start in range(0, n, batch_size):
+        idx = range(start, min(n, start + batch_size))
+        if len({data.size(i) for i in idx}) > 1:  # mixed sizes: one image at a time
+            for i in idx:
+                yield from _extract_features_batch(model, data, [i], levels, device)
+        else:
+            yield from _extract_features_batch(model, data, list(idx), levels, device)
+
+
+def _extract_features_batch(model: CamClassifier, data: SegDataset, idx: list[int],
+                            levels: list[int], device: torch.device):
+    x = torch.from_numpy(np.stack([data.image(i) for i in idx])).to(device)
+    feats = model.features(normalise_images(x))
+    chosen = [feats[j].half().cpu().numpy() for j in levels]
+    for b in range(len(idx)):
+        yield [f[b] for f in chosen]
+
+
+def _feature_store(model: CamClassifier, train: SegDataset, n: int, levels: list[int],
+                   manifest: dict, path: Path, device: torch.device, batch_size: int,
+                   progress: bool) -> FeatureStore:
+    if FeatureStore.is_current(path, manifest):
+        log.info("feature store: current at %s", path)
+        return FeatureStore(path)
+    sizes = [train.size(i) for i in range(n)]
+    with torch.no_grad():  # level shapes per distinct image size, from one dummy forward each
+        shape_of = {}
+        for size in set(sizes):
+            feats = model.features(torch.zeros(1, 3, *size, device=device))
+            shape_of[size] = [tuple(feats[j].shape[1:]) for j in levels]
+    items = tqdm(_extract_features(model, train, n, levels, batch_size, device), total=n,
+                 desc="features", unit="img", disable=not progress)
+    return FeatureStore.write_levels(path, train.ids[:n], [shape_of[s] for s in sizes], items,
+                                     manifest)
+
+
 def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root: Path, *,
-            device: str = "auto", progress: bool = True) -> Prepared:
-    """Datasets, classifier and CAM store, each reused from ``cache_root`` when still valid."""
+            affinity: AffinitySpec | None = None, device: str = "auto",
+            progress: bool = True) -> Prepared:
+    """Datasets, classifier and CAM store, each reused from ``cache_root`` when still valid;
+    with ``affinity`` given, a feature store of the images trials use (``affinity.subset``)."""
     data.ensure()
     train = data.open("train")
     val = data.open("val") if data.has_split("val") else None
@@ -112,7 +170,21 @@ def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root
                 "num_classes": train.num_classes, "dtype": "float16"}
     store_path = cache_root / f"cams-{digest(manifest)}"
     store = _cam_store(cam, train, clf_path, manifest, store_path, dev, progress)
-    return Prepared(train=train, val=val, classifier_path=clf_path, cams=store, stats=stats)
+    if affinity is None:
+        return Prepared(train=train, val=val, classifier_path=clf_path, cams=store,
+                        features=None, stats=stats)
+    model, _ = load_classifier(clf_path, dev)
+    levels = _levels(model.backbone, affinity.levels, cam.store_stride)
+    n = len(train) if affinity.subset is None else min(affinity.subset, len(train))
+    channels = [model.backbone.feature_info.channels()[j] for j in levels]
+    f_manifest = {"kind": "features", "classifier": clf_key, "dataset": fingerprint,
+                  "split": "train", "n_images": n, "levels": levels, "channels": channels,
+                  "dtype": "float16"}
+    features = _feature_store(model, train, n, levels, f_manifest,
+                              cache_root / f"features-{digest(f_manifest)}", dev,
+                              cam.batch_size, progress)
+    return Prepared(train=train, val=val, classifier_path=clf_path, cams=store,
+                    features=features, stats=stats)
 
 
 def initial_surface(prepared: Prepared, pairs: Sequence[tuple[float, float]],
@@ -125,3 +197,144 @@ def initial_surface(prepared: Prepared, pairs: Sequence[tuple[float, float]],
     return threshold_surface(scores, (store.keys(j) for j in idx),
                              (train.mask(i) for i in range(n)), pairs, train.num_classes)
 
+
+
+class AffinityTrial:
+    """One (BG, FG) trial: AffinityNet's edge head trained on the cached features of the trial
+    images, random-walk refinement, pseudo-labels with the same pair, and every metric.
+
+    State (head, optimiser, epoch) round-trips through `state_dict`, so a search can checkpoint
+    after any epoch and resume. Deterministic for a seed on CPU.
+    """
+
+    def __init__(self, prepared: Prepared, spec: AffinitySpec, bg: float, fg: float, *,
+                 device: str | torch.device = "cpu"):
+        self.bg, self.fg = check_pair(bg, fg)
+        self.prepared, self.spec = prepared, spec
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        feats = prepared.features
+        self.index = [prepared.cams.position(i) for i in feats.ids]  # trial image -> CAM store
+        self.train_index = [prepared.train.ids.index(i) for i in feats.ids]
+        torch.manual_seed(spec.seed)
+        channels = feats.manifest["channels"]
+        self.head = EdgeHead(channels, spec.hidden).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=spec.lr,
+                                           weight_decay=spec.weight_decay)
+        self.epoch = 0
+
+    # ---- data -------------------------------------------------------------------------------
+    def _grid(self, k: int) -> tuple[int, int]:
+        return tuple(self.prepared.cams.shapes[self.index[k]][1:])
+
+    def _batches(self, order: np.ndarray) -> list[list[int]]:
+        """Batches of trial images that share a grid size (all of them on synthetic data)."""
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for k in order.tolist():
+            by_grid.setdefault(self._grid(k), []).append(k)
+        bs = self.spec.batch_size
+        return [g[i:i + bs] for g in by_grid.values() for i in range(0, len(g), bs)]
+
+    def _features(self, batch: list[int]) -> list[torch.Tensor]:
+        levels = [self.prepared.features.features(k) for k in batch]
+        return [torch.from_numpy(np.stack([lv[j] for lv in levels])).float().to(self.device)
+                for j in range(len(levels[0]))]
+
+    def _initial(self, k: int) -> np.ndarray:
+        store, j = self.prepared.cams, self.index[k]
+        return confident_regions(store.scores(j), store.keys(j), self.bg, self.fg)
+
+    # ---- training ---------------------------------------------------------------------------
+    def train_epoch(self) -> float:
+        """One pass over the trial images; returns the mean affinity loss."""
+        self.head.train()
+        rng = np.random.default_rng([self.spec.seed, self.epoch])
+        batches = self._batches(rng.permutation(len(self.index)))
+        stride = self.prepared.cams.manifest["cam"]["store_stride"]
+        total = 0.0
+        for b in rng.permutation(len(batches)).tolist():
+            batch = batches[b]
+            grid = self._grid(batch[0])
+            masks = [affinity_labels(downsample_regions(self._initial(k), grid, stride),
+                                     self.spec.label_radius) for k in batch]
+            labels = [torch.from_numpy(np.stack([m[t] for m in masks])).float().to(self.device)
+                      for t in range(3)]
+            edge = torch.sigmoid(self.head(self._features(batch), grid))
+            loss = affinity_loss(edge, labels, self.spec.label_radius)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(batch)
+        self.epoch += 1
+        return total / len(self.index)
+
+    # ---- refinement and metrics -------------------------------------------------------------
+    @torch.no_grad()
+    def _refined(self):
+        """Yield (trial image, initial regions, pseudo-labels) at image resolution."""
+        self.head.eval()
+        store = self.prepared.cams
+        for batch in self._batches(np.arange(len(self.index))):
+            grid = self._grid(batch[0])
+            edges = torch.sigmoid(self.head(self._features(batch), grid)).cpu()
+            for k, edge in zip(batch, edges):
+                j = self.index[k]
+                keys = store.keys(j)
+                cams = torch.from_numpy(np.asarray(store[j], dtype=np.float32))
+                refined = cams if len(keys) == 0 else propagate(
+                    cams, edge, radius=self.spec.walk_radius, beta=self.spec.beta,
+                    steps=self.spec.steps)
+                pseudo = pseudo_labels(refined.numpy(), keys, store.image_size(j), self.bg,
+                                       self.fg)
+                yield k, self._initial(k), pseudo
+
+    def evaluate(self) -> dict[str, float]:
+        """The trial's metrics (DESIGN §4 names) over its images, pooled where pooled."""
+        c = self.prepared.train.num_classes
+        conf_i = np.zeros((c, c + 1), np.int64)
+        conf_p = np.zeros_like(conf_i)
+        counts = []
+        for k, initial, pseudo in self._refined():
+            gt = self.prepared.train.mask(self.train_index[k])
+            conf_i += confusion(initial, gt, c)
+            conf_p += confusion(pseudo, gt, c)
+            counts.append(transition_counts(initial, pseudo))
+        pixels = sum(x["n_pixels"] for x in counts)
+        tecm, degenerate = tecm_aggregate(counts, "image_mean")
+        tecm_pooled, _ = tecm_aggregate(counts, "pooled")
+        initial = region_metrics(conf_i, pixels, sum(x["neutral_initial"] for x in counts))
+        pseudo = region_metrics(conf_p, pixels, sum(x["neutral_refined"] for x in counts))
+        return {
+            "tecm": tecm, "tecm_pooled": tecm_pooled, "degenerate": float(degenerate),
+            "npr_initial": initial["npr"], "npr_pseudo": pseudo["npr"],
+            "n_to_b": sum(x["n_to_b"] for x in counts) / pixels,
+            "n_to_f": sum(x["n_to_f"] for x in counts) / pixels,
+            "miou_nn_initial": initial["miou_nn"], "miou_nn_pseudo": pseudo["miou_nn"],
+            "pqs_initial": initial["pqs"], "pqs_pseudo": pseudo["pqs"],
+            "pqs_avg": (initial["pqs"] + pseudo["pqs"]) / 2, "miou_pseudo": pseudo["miou"],
+        }
+
+    def pseudo_labels(self):
+        """Yield (image id, uint8 pseudo-label map) for every trial image."""
+        ids = self.prepared.features.ids
+        for k, _, pseudo in self._refined():
+            yield ids[k], pseudo
+
+    # ---- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+
+
+def run_trial(bg: float, fg: float, prepared: Prepared, spec: AffinitySpec, *,
+              device: str | torch.device = "cpu", trial: AffinityTrial | None = None):
+    """Yield the metrics after each AffinityNet epoch (what a Ray trainable reports for early
+    stopping): ``{"epoch", "affinity_loss", "tecm", ...}``. Pass ``trial`` to resume one."""
+    trial = trial or AffinityTrial(prepared, spec, bg, fg, device=device)
+    while trial.epoch < spec.epochs:
+        loss = trial.train_epoch()
+        yield {"epoch": trial.epoch, "affinity_loss": loss, **trial.evaluate()}

@@ -123,3 +123,33 @@ class CamStore(RaggedStore):
     def scores(self, i: int) -> np.ndarray:
         """Normalised float32 scores ``[K, H, W]`` at image resolution (DESIGN §4)."""
         return cam_scores(self[i], self.image_size(i))
+
+
+class FeatureStore(RaggedStore):
+    """Frozen-backbone features of a set of images: all levels of an image in one flat item.
+
+    AffinityNet's backbone is frozen (IRN detaches it), so the features are computed once in
+    ``prepare`` and every trial trains only the small edge head on them.
+    """
+
+    def features(self, i: int) -> list[np.ndarray]:
+        """Image i's feature levels, each float16 ``[C_l, h_l, w_l]`` (memmap views)."""
+        flat = self[i]
+        out, start = [], 0
+        for shape in self.meta["level_shapes"][i]:
+            n = int(np.prod(shape))
+            out.append(flat[start:start + n].reshape(shape))
+            start += n
+        return out
+
+    @classmethod
+    def write_levels(cls, path: str | Path, ids: Sequence[str],
+                     level_shapes: Sequence[Sequence[tuple[int, ...]]],
+                     items: Iterable[Sequence[np.ndarray]], manifest: dict[str, Any]) -> FeatureStore:
+        """Fill a store from per-image lists of level arrays (in ``ids`` order)."""
+        flat = (np.concatenate([np.asarray(a, np.float16).ravel() for a in levels])
+                for levels in items)
+        sizes = [(sum(int(np.prod(s)) for s in shapes),) for shapes in level_shapes]
+        return cls.write(path, ids, sizes, flat, manifest,
+                         meta={"level_shapes": [[list(s) for s in shapes]
+                                                for shapes in level_shapes]})
