@@ -20,6 +20,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/threshold_surface.py
+	$(BIN)/python benchmarks/random_walk.py
+	$(BIN)/python benchmarks/trial.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .hypothesis

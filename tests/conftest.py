@@ -21,4 +21,4 @@ def ci_config(tmp_path_factory) -> Config:
 def ci_prepared(ci_config) -> Prepared:
     c = ci_config
     return prepare(c.data, c.classifier, c.cam, c.runtime.runs_root / "stores",
-                   device=c.runtime.device, progress=False)
+                   affinity=c.affinity, device=c.runtime.device, progress=False)

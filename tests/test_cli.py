@@ -48,3 +48,20 @@ def test_surface_command_end_to_end(tmp_path):
     table = pd.read_csv(tmp_path / "runs" / "ci" / "surface_initial.csv")
     assert len(table) == 32 and {"bg", "fg", "npr", "miou_nn", "pqs", "degenerate"} <= set(table)
     assert table.pqs.between(0, 1).all()
+
+
+@pytest.mark.slow
+def test_trial_command_exports_labels(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "classifier.epochs=2", "--set", "data.synthetic.n_train=30",
+             "--set", "data.synthetic.n_val=10", "--set", "affinity.epochs=2"]
+    assert main(["trial", "--config", "ci", "--bg", "0.2", "--fg", "0.45", *small,
+                 "--export-labels", str(tmp_path / "labels")]) == 0
+    out = capsys.readouterr().out
+    assert "tecm" in out and "pqs_pseudo" in out and "wrote 30 pseudo-label PNGs" in out
+    pngs = sorted((tmp_path / "labels").glob("*.png"))
+    assert len(pngs) == 30
+    from PIL import Image
+    assert Image.open(pngs[0]).mode == "P"
+    assert main(["trial", "--config", "ci", "--bg", "0.5", "--fg", "0.2", *small]) == 2
+    assert "--bg (0.5) must not exceed --fg (0.2)" in capsys.readouterr().err

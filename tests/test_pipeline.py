@@ -54,10 +54,12 @@ def test_store_covers_the_train_split(ci_prepared):
 def test_second_prepare_reuses_everything(ci_config, ci_prepared):
     c = ci_config
     before = {f: os.stat(f).st_mtime_ns for f in (ci_prepared.classifier_path,
-                                                  ci_prepared.cams.path / "data.npy")}
+                                                  ci_prepared.cams.path / "data.npy",
+                                                  ci_prepared.features.path / "data.npy")}
     again = prepare(c.data, c.classifier, c.cam, c.runtime.runs_root / "stores",
-                    device=c.runtime.device, progress=False)
+                    affinity=c.affinity, device=c.runtime.device, progress=False)
     assert again.cams.path == ci_prepared.cams.path
+    assert again.features.path == ci_prepared.features.path
     assert {f: os.stat(f).st_mtime_ns for f in before} == before
     assert again.stats == ci_prepared.stats
     # a changed CAM setting rebuilds the store but reuses the classifier

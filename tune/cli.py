@@ -128,7 +128,7 @@ def _prepare(args: argparse.Namespace, features: bool):
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                       affinity=cfg.affinity if features else None,
+                       affinity=cfg.affinity if features else None, imported=cfg.import_cams,
                        device=cfg.runtime.device, progress=cfg.runtime.progress)
     return cfg, prepared
 

@@ -18,6 +18,7 @@ from wsss.cam import CamSpec
 from wsss.classifier import ClassifierSpec
 from wsss.data import DataSpec
 from wsss.errors import UserError
+from wsss.interop import ImportSpec
 from wsss.regions import check_pair
 from wsss.spec import Spec
 
@@ -52,6 +53,7 @@ class Config(Section):
     data: DataSpec
     classifier: ClassifierSpec = Field(default_factory=ClassifierSpec)
     cam: CamSpec = Field(default_factory=CamSpec)
+    import_cams: ImportSpec | None = None
     affinity: AffinitySpec = Field(default_factory=AffinitySpec)
     surface: SurfaceConfig = Field(default_factory=SurfaceConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

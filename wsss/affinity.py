@@ -11,6 +11,8 @@ balanced loss: ``(bg_pos / 2 + fg_pos / 2 + neg) / 2`` of per-class-mean log los
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,12 +28,17 @@ from wsss.spec import Spec
 class AffinitySpec(Spec):
     """The ``affinity`` config section: the edge head, its training and the random walk."""
 
+    backbone: str | None = Field(
+        None, description="timm model for the frozen features; None = the trained classifier's "
+                          "(required with imported CAMs)")
+    backbone_weights: Path | None = Field(None, description="local weights file of `backbone`")
+    output_stride: Literal[8, 16, 32] = 16
     levels: list[int] | None = Field(
         None, description="backbone feature levels used; None = all at the CAM stride or coarser")
     hidden: int = Field(32, ge=1, description="channels per level in the edge head")
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(1e-2, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     label_radius: int = Field(10, ge=1, description="IRN trains pairs within radius 10")
     walk_radius: int = Field(5, ge=1, description="IRN walks with radius 5")

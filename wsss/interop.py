@@ -18,10 +18,12 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from wsss.data import IGNORE, SegDataset, _open_image
 from wsss.errors import DataError, UserError
 from wsss.metrics import Protocol, confusion, iou_per_class, mean_iou
+from wsss.spec import Spec
 from wsss.store import CamStore
 
 Format = Literal["irn", "puzzlecam"]
@@ -235,3 +237,15 @@ def evaluate_folder(pred_dir: str | Path, data: SegDataset,
             "iou": {name: _fraction(v) for name, v in zip(data.class_names, iou)},
             "miou": _fraction(mean_iou(conf, protocol)),
             "n_images": len(data)}
+
+
+class ImportSpec(Spec):
+    """The ``import_cams`` config section: run a whole search on CAMs from IRN or PuzzleCAM
+    instead of training our classifier (AffinityNet's frozen features then come from
+    ``affinity.backbone``)."""
+
+    format: Format
+    dir: Path
+    resolution: Resolution = "strided"
+    allow_pickle: bool = Field(False, description="the files are pickles: only your own files")
+

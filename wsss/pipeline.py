@@ -22,16 +22,29 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from wsss.affinity import (AffinitySpec, EdgeHead, affinity_labels, affinity_loss,
-                           downsample_regions)
+from wsss.affinity import AffinitySpec, EdgeHead, affinity_labels, affinity_loss, downsample_regions
 from wsss.cam import CamSpec, extract_cams, strided_size
-from wsss.classifier import (CamClassifier, ClassifierSpec, load_classifier,
-                             mean_average_precision, normalise_images, resolve_device,
-                             save_classifier, train_classifier)
+from wsss.classifier import (
+    CamClassifier,
+    ClassifierSpec,
+    create_backbone,
+    load_classifier,
+    mean_average_precision,
+    normalise_images,
+    resolve_device,
+    save_classifier,
+    train_classifier,
+)
 from wsss.data import DataSpec, SegDataset
 from wsss.errors import UserError
-from wsss.metrics import (confusion, region_metrics, tecm_aggregate, threshold_surface,
-                          transition_counts)
+from wsss.interop import ImportSpec, import_cams
+from wsss.metrics import (
+    confusion,
+    region_metrics,
+    tecm_aggregate,
+    threshold_surface,
+    transition_counts,
+)
 from wsss.pseudo_labels import pseudo_labels
 from wsss.random_walk import propagate
 from wsss.regions import check_pair, confident_regions
@@ -52,7 +65,7 @@ class Prepared:
 
     train: SegDataset
     val: SegDataset | None
-    classifier_path: Path
+    classifier_path: Path | None  # None with imported CAMs
     cams: CamStore
     features: FeatureStore | None  # built only when trials will run
     stats: dict[str, Any] = field(default_factory=dict)
@@ -113,8 +126,13 @@ def _levels(backbone: torch.nn.Module, levels: list[int] | None, stride: int) ->
     return sorted(set(levels))
 
 
+def _grid_stride(store: CamStore, j: int) -> int:
+    """The stride of image j's CAM grid (4 for IRN's strided CAMs, 1 for high-resolution)."""
+    return max(1, round(store.image_size(j)[0] / store.shapes[j][1]))
+
+
 @torch.no_grad()
-def _extract_features(model: CamClassifier, data: SegDataset, n: int, levels: list[int],
+def _extract_features(model: torch.nn.Module, data: SegDataset, n: int, levels: list[int],
                       batch_size: int, device: torch.device):
     """Yield each of the first ``n`` images' chosen feature levels (float16 numpy arrays)."""
     for start in range(0, n, batch_size):
@@ -126,16 +144,16 @@ def _extract_features(model: CamClassifier, data: SegDataset, n: int, levels: li
             yield from _extract_features_batch(model, data, list(idx), levels, device)
 
 
-def _extract_features_batch(model: CamClassifier, data: SegDataset, idx: list[int],
+def _extract_features_batch(model: torch.nn.Module, data: SegDataset, idx: list[int],
                             levels: list[int], device: torch.device):
     x = torch.from_numpy(np.stack([data.image(i) for i in idx])).to(device)
-    feats = model.features(normalise_images(x))
+    feats = model(normalise_images(x))
     chosen = [feats[j].half().cpu().numpy() for j in levels]
     for b in range(len(idx)):
         yield [f[b] for f in chosen]
 
 
-def _feature_store(model: CamClassifier, train: SegDataset, n: int, levels: list[int],
+def _feature_store(model: torch.nn.Module, train: SegDataset, n: int, levels: list[int],
                    manifest: dict, path: Path, device: torch.device, batch_size: int,
                    progress: bool) -> FeatureStore:
     if FeatureStore.is_current(path, manifest):
@@ -145,7 +163,7 @@ def _feature_store(model: CamClassifier, train: SegDataset, n: int, levels: list
     with torch.no_grad():  # level shapes per distinct image size, from one dummy forward each
         shape_of = {}
         for size in set(sizes):
-            feats = model.features(torch.zeros(1, 3, *size, device=device))
+            feats = model(torch.zeros(1, 3, *size, device=device))
             shape_of[size] = [tuple(feats[j].shape[1:]) for j in levels]
     items = tqdm(_extract_features(model, train, n, levels, batch_size, device), total=n,
                  desc="features", unit="img", disable=not progress)
@@ -153,9 +171,31 @@ def _feature_store(model: CamClassifier, train: SegDataset, n: int, levels: list
                                      manifest)
 
 
+def _frozen_backbone(affinity: AffinitySpec, classifier_path: Path | None,
+                     device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """AffinityNet's frozen backbone and its cache key: a timm model from a local weights file
+    when configured (needed with imported CAMs), else the trained classifier's backbone."""
+    if affinity.backbone is not None:
+        if affinity.backbone_weights is None:
+            raise UserError("affinity.backbone_weights is required with affinity.backbone: the "
+                            "frozen features must come from trained weights (a local file)")
+        backbone = create_backbone(affinity.backbone, affinity.output_stride,
+                                   affinity.backbone_weights)
+        weights = affinity.backbone_weights
+        key = [affinity.backbone, affinity.output_stride, weights.stat().st_size,
+               weights.stat().st_mtime_ns]
+        return backbone.to(device).eval(), key
+    if classifier_path is None:
+        raise UserError("with import_cams set, affinity.backbone (a timm model name) and "
+                        "affinity.backbone_weights (a local file) must be set: there is no "
+                        "trained classifier to take features from")
+    model, _ = load_classifier(classifier_path, device)
+    return model.backbone, digest(str(classifier_path))
+
+
 def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root: Path, *,
-            affinity: AffinitySpec | None = None, device: str = "auto",
-            progress: bool = True) -> Prepared:
+            affinity: AffinitySpec | None = None, imported: ImportSpec | None = None,
+            device: str = "auto", progress: bool = True) -> Prepared:
     """Datasets, classifier and CAM store, each reused from ``cache_root`` when still valid;
     with ``affinity`` given, a feature store of the images trials use (``affinity.subset``)."""
     data.ensure()
@@ -163,24 +203,30 @@ def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root
     val = data.open("val") if data.has_split("val") else None
     dev = resolve_device(device)
     fingerprint = train.fingerprint()
-    clf_key = digest(classifier.model_dump(mode="json"), fingerprint)
-    clf_path, stats = _classifier(classifier, train, val, clf_key, cache_root, dev, progress)
-    manifest = {"kind": "cams", "classifier": clf_key, "cam": cam.model_dump(mode="json"),
-                "dataset": fingerprint, "split": "train", "n_images": len(train),
-                "num_classes": train.num_classes, "dtype": "float16"}
-    store_path = cache_root / f"cams-{digest(manifest)}"
-    store = _cam_store(cam, train, clf_path, manifest, store_path, dev, progress)
+    if imported is None:
+        clf_key = digest(classifier.model_dump(mode="json"), fingerprint)
+        clf_path, stats = _classifier(classifier, train, val, clf_key, cache_root, dev, progress)
+        manifest = {"kind": "cams", "classifier": clf_key, "cam": cam.model_dump(mode="json"),
+                    "dataset": fingerprint, "split": "train", "n_images": len(train),
+                    "num_classes": train.num_classes, "dtype": "float16"}
+        store_path = cache_root / f"cams-{digest(manifest)}"
+        store = _cam_store(cam, train, clf_path, manifest, store_path, dev, progress)
+    else:
+        clf_path, stats = None, {"classifier_map": None, "cams": f"imported {imported.format}"}
+        key = digest(imported.model_dump(mode="json"), fingerprint)
+        store = import_cams(imported.format, imported.dir, train, cache_root / f"cams-{key}",
+                            allow_pickle=imported.allow_pickle, resolution=imported.resolution)
     if affinity is None:
         return Prepared(train=train, val=val, classifier_path=clf_path, cams=store,
                         features=None, stats=stats)
-    model, _ = load_classifier(clf_path, dev)
-    levels = _levels(model.backbone, affinity.levels, cam.store_stride)
+    backbone, backbone_key = _frozen_backbone(affinity, clf_path, dev)
+    levels = _levels(backbone, affinity.levels, _grid_stride(store, 0))
     n = len(train) if affinity.subset is None else min(affinity.subset, len(train))
-    channels = [model.backbone.feature_info.channels()[j] for j in levels]
-    f_manifest = {"kind": "features", "classifier": clf_key, "dataset": fingerprint,
+    channels = [backbone.feature_info.channels()[j] for j in levels]
+    f_manifest = {"kind": "features", "backbone": backbone_key, "dataset": fingerprint,
                   "split": "train", "n_images": n, "levels": levels, "channels": channels,
                   "dtype": "float16"}
-    features = _feature_store(model, train, n, levels, f_manifest,
+    features = _feature_store(backbone, train, n, levels, f_manifest,
                               cache_root / f"features-{digest(f_manifest)}", dev,
                               cam.batch_size, progress)
     return Prepared(train=train, val=val, classifier_path=clf_path, cams=store,
@@ -249,12 +295,13 @@ class AffinityTrial:
         self.head.train()
         rng = np.random.default_rng([self.spec.seed, self.epoch])
         batches = self._batches(rng.permutation(len(self.index)))
-        stride = self.prepared.cams.manifest["cam"]["store_stride"]
         total = 0.0
         for b in rng.permutation(len(batches)).tolist():
             batch = batches[b]
             grid = self._grid(batch[0])
-            masks = [affinity_labels(downsample_regions(self._initial(k), grid, stride),
+            masks = [affinity_labels(downsample_regions(self._initial(k), grid,
+                                                        _grid_stride(self.prepared.cams,
+                                                                     self.index[k])),
                                      self.spec.label_radius) for k in batch]
             labels = [torch.from_numpy(np.stack([m[t] for m in masks])).float().to(self.device)
                       for t in range(3)]

@@ -19,8 +19,9 @@ NEUTRAL = 255
 
 
 def check_pair(bg: float, fg: float, *, where: str = "") -> tuple[float, float]:
-    """Validate a threshold pair; a config error names the field, so ``where`` prefixes it."""
-    prefix = f"{where}." if where else ""
+    """Validate a threshold pair; the error names the fields: ``where`` is their config path
+    (``surface.pairs[3]`` -> ``surface.pairs[3].bg``) or ``--`` for the CLI flags."""
+    prefix = where if where in ("", "--") else f"{where}."
     for name, value in (("bg", bg), ("fg", fg)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
             raise UserError(f"{prefix}{name} must be a number in [0, 1], got {value!r}")

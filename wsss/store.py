@@ -145,7 +145,8 @@ class FeatureStore(RaggedStore):
     @classmethod
     def write_levels(cls, path: str | Path, ids: Sequence[str],
                      level_shapes: Sequence[Sequence[tuple[int, ...]]],
-                     items: Iterable[Sequence[np.ndarray]], manifest: dict[str, Any]) -> FeatureStore:
+                     items: Iterable[Sequence[np.ndarray]],
+                     manifest: dict[str, Any]) -> FeatureStore:
         """Fill a store from per-image lists of level arrays (in ``ids`` order)."""
         flat = (np.concatenate([np.asarray(a, np.float16).ravel() for a in levels])
                 for levels in items)

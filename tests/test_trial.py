@@ -1,0 +1,95 @@
+"""One (BG, FG) trial end to end on configs/ci.yaml (slow, run in CI)."""
+
+import numpy as np
+import pytest
+
+from wsss.pipeline import AffinityTrial, run_trial
+
+pytestmark = pytest.mark.slow
+
+NAMES = {"epoch", "affinity_loss", "tecm", "tecm_pooled", "degenerate", "npr_initial",
+         "npr_pseudo", "n_to_b", "n_to_f", "miou_nn_initial", "miou_nn_pseudo", "pqs_initial",
+         "pqs_pseudo", "pqs_avg", "miou_pseudo"}
+
+
+def test_refinement_improves_a_mid_grid_pair(ci_config, ci_prepared):
+    """A trained edge head + random walk must turn neutral pixels into correct labels: PQS up,
+    NPR down. A broken walk, path rule or head loses this (an untrained head lowers PQS)."""
+    history = list(run_trial(0.15, 0.4, ci_prepared, ci_config.affinity))
+    assert [m["epoch"] for m in history] == list(range(1, ci_config.affinity.epochs + 1))
+    last = history[-1]
+    assert set(last) == NAMES
+    assert last["pqs_pseudo"] > last["pqs_initial"] + 0.01, last
+    assert last["npr_pseudo"] < last["npr_initial"] - 0.01, last
+    assert history[-1]["affinity_loss"] < history[0]["affinity_loss"]
+    assert 0 <= last["tecm"] <= 2 and last["degenerate"] == 0
+    assert last["pqs_avg"] == pytest.approx((last["pqs_initial"] + last["pqs_pseudo"]) / 2)
+    assert last["n_to_b"] + last["n_to_f"] <= last["npr_initial"] + 1e-12
+    for key in NAMES - {"epoch", "affinity_loss", "tecm", "tecm_pooled"}:
+        assert 0 <= last[key] <= 1, key
+
+
+def test_untrained_head_does_not_improve(ci_config, ci_prepared):
+    trial = AffinityTrial(ci_prepared, ci_config.affinity, 0.15, 0.4)
+    untrained = trial.evaluate()
+    assert untrained["pqs_pseudo"] < untrained["pqs_initial"]
+
+
+def test_trial_is_deterministic_and_resumes_exactly(ci_config, ci_prepared):
+    spec = ci_config.affinity.model_copy(update={"epochs": 2})
+    a = list(run_trial(0.25, 0.5, ci_prepared, spec))
+    b = list(run_trial(0.25, 0.5, ci_prepared, spec))
+    assert a == b
+    first = AffinityTrial(ci_prepared, spec, 0.25, 0.5)
+    first.train_epoch()
+    resumed = AffinityTrial(ci_prepared, spec, 0.25, 0.5)
+    resumed.load_state_dict(first.state_dict())
+    assert list(run_trial(0.25, 0.5, ci_prepared, spec, trial=resumed)) == a[1:]
+
+
+def test_degenerate_pair(ci_config, ci_prepared):
+    spec = ci_config.affinity.model_copy(update={"epochs": 1})
+    (m,) = run_trial(0.3, 0.3, ci_prepared, spec)
+    assert m["degenerate"] == 1 and m["tecm"] == 1 and m["npr_initial"] == 0
+
+
+def test_pseudo_labels_cover_the_trial_images(ci_config, ci_prepared):
+    trial = AffinityTrial(ci_prepared, ci_config.affinity, 0.2, 0.45)
+    labels = dict(trial.pseudo_labels())
+    assert list(labels) == ci_prepared.features.ids
+    some = labels[ci_prepared.features.ids[0]]
+    assert some.dtype == np.uint8 and some.shape == ci_prepared.train.size(0)
+    assert set(np.unique(some)) <= {0, 255, *range(1, ci_prepared.train.num_classes)}
+
+
+def test_trial_on_imported_irn_cams(ci_config, ci_prepared, tmp_path):
+    """A search can start from IRN's CAM files: the store is imported, AffinityNet's frozen
+    features come from a timm model with a local weights file, and a trial runs on them."""
+    import timm
+    import torch
+
+    from wsss.interop import ImportSpec
+    from wsss.pipeline import prepare
+
+    store, train = ci_prepared.cams, ci_prepared.train
+    cam_dir = tmp_path / "irn_cams"
+    cam_dir.mkdir()
+    for j, image_id in enumerate(store.ids):  # as IRN's step/make_cam.py writes them
+        cams = torch.from_numpy(np.asarray(store[j], np.float32))
+        cams = cams / (cams.amax(dim=(1, 2), keepdim=True) + 1e-5)
+        np.save(cam_dir / f"{image_id}.npy", {"keys": torch.from_numpy(store.keys(j) - 1),
+                                              "cam": cams, "high_res": np.zeros(0)})
+    weights = tmp_path / "backbone.pth"
+    torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), weights)
+    c = ci_config
+    affinity = c.affinity.model_copy(update={"backbone": "test_resnet", "output_stride": 8,
+                                             "backbone_weights": weights, "subset": 40,
+                                             "epochs": 1})
+    imported = ImportSpec(format="irn", dir=cam_dir, allow_pickle=True)
+    p = prepare(c.data, c.classifier, c.cam, tmp_path / "stores", affinity=affinity,
+                imported=imported, device="cpu", progress=False)
+    assert p.classifier_path is None and p.stats["classifier_map"] is None
+    assert p.cams.ids == train.ids and len(p.features) == 40
+    np.testing.assert_allclose(p.cams.scores(3), store.scores(3), atol=2e-3)
+    (m,) = run_trial(0.2, 0.45, p, affinity)
+    assert 0 <= m["tecm"] <= 2 and 0 < m["pqs_initial"] < 1
