@@ -22,7 +22,7 @@ import timm
 import torch
 
 from tune.config import load_config
-from wsss.classifier import load_classifier, normalise_images
+from wsss.classifier import create_backbone, load_classifier, normalise_images
 from wsss.pipeline import AffinityTrial, Prepared, prepare, run_trial
 
 
@@ -56,9 +56,8 @@ def compare(cfg, affinity, label: str, bg: float, fg: float) -> float:
     if affinity.backbone is None:
         backbone = load_classifier(prepared.classifier_path, torch.device("cpu"))[0].backbone
     else:
-        backbone = timm.create_model(affinity.backbone, pretrained=True, features_only=True,
-                                     output_stride=affinity.output_stride,
-                                     pretrained_cfg_overlay={"file": str(affinity.backbone_weights)})
+        backbone = create_backbone(affinity.backbone, affinity.output_stride,
+                                   affinity.backbone_weights)
     levels = prepared.features.manifest["levels"]
     ours_t, ours = timed_trial(AffinityTrial(prepared, affinity, bg, fg), prepared, affinity, bg,
                                fg)

@@ -93,3 +93,14 @@ def test_trial_on_imported_irn_cams(ci_config, ci_prepared, tmp_path):
     np.testing.assert_allclose(p.cams.scores(3), store.scores(3), atol=2e-3)
     (m,) = run_trial(0.2, 0.45, p, affinity)
     assert 0 <= m["tecm"] <= 2 and 0 < m["pqs_initial"] < 1
+
+
+def test_crf_trial_learns_from_cleaned_regions(ci_config, ci_prepared):
+    spec = ci_config.affinity.model_copy(update={"epochs": 1, "crf": True})
+    crf_trial = AffinityTrial(ci_prepared, spec, 0.2, 0.45)
+    plain = AffinityTrial(ci_prepared, ci_config.affinity, 0.2, 0.45)
+    differ = [not np.array_equal(crf_trial._label_regions(k), plain._label_regions(k))
+              for k in range(20)]
+    assert any(differ)
+    (m,) = run_trial(0.2, 0.45, ci_prepared, spec, trial=crf_trial)
+    assert 0 <= m["tecm"] <= 2 and 0 < m["pqs_pseudo"] < 1

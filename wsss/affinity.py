@@ -45,6 +45,8 @@ class AffinitySpec(Spec):
     beta: float = Field(10.0, gt=0)
     steps: int = Field(256, ge=0, description="random-walk steps (IRN: 2**8)")
     subset: int | None = Field(None, ge=1, description="trials use the first N train images")
+    crf: bool = Field(False, description="dense CRF on the regions AffinityNet learns from "
+                                         "(IRN/PuzzleCAM); needs the [crf] extra")
     seed: int = 0
 
 

@@ -47,7 +47,7 @@ from wsss.metrics import (
 )
 from wsss.pseudo_labels import pseudo_labels
 from wsss.random_walk import propagate
-from wsss.regions import check_pair, confident_regions
+from wsss.regions import check_pair, confident_regions, crf_regions
 from wsss.store import CamStore, FeatureStore, write_json_atomic
 
 log = logging.getLogger("wsss")
@@ -267,6 +267,7 @@ class AffinityTrial:
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=spec.lr,
                                            weight_decay=spec.weight_decay)
         self.epoch = 0
+        self._label_cache: dict[int, np.ndarray] = {}
 
     # ---- data -------------------------------------------------------------------------------
     def _grid(self, k: int) -> tuple[int, int]:
@@ -289,6 +290,20 @@ class AffinityTrial:
         store, j = self.prepared.cams, self.index[k]
         return confident_regions(store.scores(j), store.keys(j), self.bg, self.fg)
 
+    def _label_regions(self, k: int) -> np.ndarray:
+        """The regions AffinityNet learns from, on the CAM grid: computed once per trial (they
+        do not change between epochs), CRF-cleaned when ``affinity.crf`` is on."""
+        if k not in self._label_cache:
+            store, j = self.prepared.cams, self.index[k]
+            if self.spec.crf:
+                image = self.prepared.train.image(self.train_index[k])
+                regions = crf_regions(image, store.scores(j), store.keys(j), self.bg, self.fg)
+            else:
+                regions = self._initial(k)
+            self._label_cache[k] = downsample_regions(regions, self._grid(k),
+                                                      _grid_stride(store, j))
+        return self._label_cache[k]
+
     # ---- training ---------------------------------------------------------------------------
     def train_epoch(self) -> float:
         """One pass over the trial images; returns the mean affinity loss."""
@@ -299,10 +314,8 @@ class AffinityTrial:
         for b in rng.permutation(len(batches)).tolist():
             batch = batches[b]
             grid = self._grid(batch[0])
-            masks = [affinity_labels(downsample_regions(self._initial(k), grid,
-                                                        _grid_stride(self.prepared.cams,
-                                                                     self.index[k])),
-                                     self.spec.label_radius) for k in batch]
+            masks = [affinity_labels(self._label_regions(k), self.spec.label_radius)
+                     for k in batch]
             labels = [torch.from_numpy(np.stack([m[t] for m in masks])).float().to(self.device)
                       for t in range(3)]
             edge = torch.sigmoid(self.head(self._features(batch), grid))
