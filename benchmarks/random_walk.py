@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import best_of
 
 from wsss.random_walk import propagate, propagate_dense
 
@@ -40,15 +40,6 @@ def make_inputs(size: int, channels: int = 3, seed: int = 0) -> tuple[torch.Tens
         edge[line, :] = 0.9
         edge[:, line] = 0.9
     return cams, edge
-
-
-def best_of(fn, repeat: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def peak_rss() -> int:

@@ -11,9 +11,9 @@ Target (issue #3): ratio >= 50x.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from timing import best_of
 
 from tune.space import grid_pairs
 from wsss.metrics import threshold_surface
@@ -64,15 +64,6 @@ def reference_surface(scores, keys, gts, pairs, num_classes):
         npr = neutral / total
         rows.append((bg, fg, npr, miou_nn, miou_nn * (1 - npr)))
     return np.array(rows)
-
-
-def best_of(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def main() -> None:
