@@ -182,3 +182,20 @@ def test_surface_equals_naive_per_pair(data):
 @given(st.floats(0, 1), st.floats(0, 1), st.integers(0, 10**6), st.integers(0, 10**6))
 def test_tecm_in_range(npr_i, npr_r, b, f):
     assert 0.0 <= tecm(npr_i, npr_r, b, f) <= 2.0
+
+
+def test_objective_registry():
+    from wsss.objectives import OBJECTIVES, all_objectives, check_objective, register
+
+    a = dict(n_pixels=10, neutral_initial=4, neutral_refined=2, n_to_b=1, n_to_f=1)
+    b = dict(n_pixels=10, neutral_initial=2, neutral_refined=2, n_to_b=0, n_to_f=0)
+    values = all_objectives([a, b])
+    assert set(values) >= {"tecm", "tecm_pooled"}
+    assert values["tecm"] == tecm_aggregate([a, b])[0]
+    assert values["tecm_pooled"] == tecm_aggregate([a, b], "pooled")[0]
+    assert check_objective("tecm") == "tecm"
+    with pytest.raises(UserError, match="search.objective 'pqs'"):
+        check_objective("pqs")
+    with pytest.raises(ValueError, match="already registered"):
+        register("tecm", lambda counts: 0.0)
+    assert len(OBJECTIVES) >= 2

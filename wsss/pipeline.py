@@ -41,10 +41,10 @@ from wsss.interop import ImportSpec, import_cams
 from wsss.metrics import (
     confusion,
     region_metrics,
-    tecm_aggregate,
     threshold_surface,
     transition_counts,
 )
+from wsss.objectives import all_objectives
 from wsss.pseudo_labels import pseudo_labels
 from wsss.random_walk import propagate
 from wsss.regions import check_pair, confident_regions, crf_regions
@@ -359,12 +359,11 @@ class AffinityTrial:
             conf_p += confusion(pseudo, gt, c)
             counts.append(transition_counts(initial, pseudo))
         pixels = sum(x["n_pixels"] for x in counts)
-        tecm, degenerate = tecm_aggregate(counts, "image_mean")
-        tecm_pooled, _ = tecm_aggregate(counts, "pooled")
+        degenerate = not any(x["neutral_initial"] for x in counts)
         initial = region_metrics(conf_i, pixels, sum(x["neutral_initial"] for x in counts))
         pseudo = region_metrics(conf_p, pixels, sum(x["neutral_refined"] for x in counts))
         return {
-            "tecm": tecm, "tecm_pooled": tecm_pooled, "degenerate": float(degenerate),
+            **all_objectives(counts), "degenerate": float(degenerate),
             "npr_initial": initial["npr"], "npr_pseudo": pseudo["npr"],
             "n_to_b": sum(x["n_to_b"] for x in counts) / pixels,
             "n_to_f": sum(x["n_to_f"] for x in counts) / pixels,
