@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--export-labels", type=Path, metavar="DIR",
                    help="write the trial images' pseudo-labels as VOC palette PNGs")
 
+    p = sub.add_parser("search", help="stage 0 + stage 1: TECM trials over (BG, FG) under Ray "
+                                      "Tune, then promotion of the top-k to candidates.json")
+    _config_args(p)
+    p.add_argument("--address", help="a running Ray cluster (auto or HOST:PORT); default: a "
+                                     "local Ray started for this search")
+
     p = sub.add_parser("import-cams", help="import IRN / PuzzleCAM CAM .npy files into a CAM "
                                            "store that the later stages read")
     p.add_argument("--format", required=True, choices=["irn", "puzzlecam"])
@@ -185,6 +191,27 @@ def cmd_trial(args: argparse.Namespace) -> None:
     print(f"prepare {t_prepare:.1f} s, trial {time.perf_counter() - start - t_prepare:.1f} s")
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    from tune.config import load_config
+    from tune.search import run_search
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    out = run_search(cfg, address=args.address)
+    table = out["table"]
+    columns = [c for c in ("bg", "fg", "training_iteration", "objective", "tecm", "tecm_pooled",
+                           "npr_initial", "npr_pseudo", "pqs_initial", "pqs_pseudo")
+               if c in table]
+    print(f"\nstage 1: {len(table)} trials, objective {cfg.search.objective} "
+          f"({time.perf_counter() - start:.1f} s)")
+    print(table[columns].rename(columns={"training_iteration": "epochs"})
+          .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    cands = out["candidates"]
+    print(f"\npromoted ({cfg.search.policy}, top {cfg.search.top_k}): "
+          + ", ".join(f"({r.bg:g}, {r.fg:g})" for r in cands.itertuples()))
+    print(f"search folder: {out['folder']}")
+
+
 def _dataset(args: argparse.Namespace) -> SegDataset:
     from wsss.data import SegDataset
 
@@ -223,6 +250,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface, "trial": cmd_trial,
+            "search": cmd_search,
             "import-cams": cmd_import_cams, "evaluate": cmd_evaluate}
 
 

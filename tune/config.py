@@ -13,12 +13,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from tune.space import SamplerBounds, Space
 from wsss.affinity import AffinitySpec
 from wsss.cam import CamSpec
 from wsss.classifier import ClassifierSpec
 from wsss.data import DataSpec
 from wsss.errors import UserError
 from wsss.interop import ImportSpec
+from wsss.objectives import check_objective
 from wsss.regions import check_pair
 from wsss.spec import Spec
 
@@ -41,6 +43,35 @@ class SurfaceConfig(Section):
         return self
 
 
+class SearchConfig(Section):
+    """Stage 1 (TECM trials under Ray Tune) and promotion to stage 2 (DESIGN §5)."""
+
+    space: Space = "paper"
+    pairs: list[tuple[float, float]] | None = None
+    bounds: SamplerBounds = Field(default_factory=SamplerBounds)
+    num_samples: int = Field(16, ge=1, description="trials of the optuna / random spaces")
+    warm_start_grid: bool = Field(False, description="optuna: evaluate the paper grid first")
+    objective: str = "tecm"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    top_k: int = Field(3, ge=1)
+    policy: Literal["global", "per_bg"] = "global"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _valid(self) -> SearchConfig:
+        check_objective(self.objective)
+        if self.space == "pairs":
+            if not self.pairs:
+                raise ValueError("space 'pairs' needs a non-empty 'pairs' list")
+            for i, (bg, fg) in enumerate(self.pairs):
+                check_pair(bg, fg, where=f"search.pairs[{i}]")
+        return self
+
+
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
@@ -56,6 +87,7 @@ class Config(Section):
     import_cams: ImportSpec | None = None
     affinity: AffinitySpec = Field(default_factory=AffinitySpec)
     surface: SurfaceConfig = Field(default_factory=SurfaceConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 

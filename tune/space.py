@@ -1,15 +1,24 @@
-"""Search spaces over (BG, FG): the fixed grids of DESIGN §5.
+"""Search spaces over (BG, FG): the fixed grids of DESIGN §5, Optuna TPE and random sampling.
 
 Grid values are rounded to 4 decimals so that 0.05 + 0.25 is the 0.3 a user types, not
 0.30000000000000004: the pair identifies a trial in MLflow, CSVs and selection files.
+Optuna and random spaces are define-by-run (``fg`` is drawn from ``[bg + min_gap, fg_max]``), so
+every sampled pair is valid and no trial is wasted on ``BG > FG``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, Literal
+
 import numpy as np
+from pydantic import Field, model_validator
+
+from wsss.spec import Spec
 
 PAPER_GAPS = (0.0, 0.10, 0.25, 0.40)
 EXTENDED_GAPS = (0.0, 0.05, 0.10, 0.15, 0.25, 0.40)
+Space = Literal["paper", "extended", "pairs", "optuna", "random"]
 
 
 def _grid(bg_max: float, gaps: tuple[float, ...], fg_max: float) -> list[tuple[float, float]]:
@@ -28,3 +37,31 @@ def grid_pairs(space: str,
     if space == "pairs":
         return [(float(bg), float(fg)) for bg, fg in pairs or []]
     raise ValueError(f"unknown grid space {space!r}")
+
+
+class SamplerBounds(Spec):
+    """Bounds of the sampled spaces (``optuna``, ``random``): DESIGN §5's defaults."""
+
+    bg_min: float = Field(0.0, ge=0, le=1)
+    bg_max: float = Field(0.7, ge=0, le=1)
+    min_gap: float = Field(0.05, ge=0, le=1)
+    fg_max: float = Field(0.95, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SamplerBounds:
+        if self.bg_min > self.bg_max:
+            raise ValueError("bg_min must not exceed bg_max")
+        if self.bg_max + self.min_gap > self.fg_max + 1e-12:
+            raise ValueError("bg_max + min_gap must not exceed fg_max")
+        return self
+
+
+def define_by_run(bounds: SamplerBounds) -> Callable[[Any], None]:
+    """Optuna define-by-run space: ``bg`` first, then ``fg >= bg + min_gap`` (gap inclusive).
+    Ray's OptunaSearch takes the suggested values from the trial, so nothing is returned."""
+
+    def space(trial: Any) -> None:
+        bg = trial.suggest_float("bg", bounds.bg_min, bounds.bg_max)
+        trial.suggest_float("fg", min(bg + bounds.min_gap, bounds.fg_max), bounds.fg_max)
+
+    return space

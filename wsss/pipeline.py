@@ -70,6 +70,13 @@ class Prepared:
     features: FeatureStore | None  # built only when trials will run
     stats: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def open(cls, data: DataSpec, cams: Path, features: Path | None) -> Prepared:
+        """Reopen what `prepare` built (read-only memory maps, no hashing, no training): how a
+        search's trial workers, on any node that reads the same paths, get their inputs."""
+        return cls(train=data.open("train"), val=None, classifier_path=None, cams=CamStore(cams),
+                   features=None if features is None else FeatureStore(features))
+
 
 def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None, key: str,
                 cache_root: Path, device: torch.device, progress: bool) -> tuple[Path, dict]:

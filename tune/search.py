@@ -1,0 +1,129 @@
+"""The search driver: stage 0 (prepare), stage 1 (TECM trials under Ray Tune), promotion.
+
+Promotion is a pure function of the stage-1 table, so it can be re-run (and tested) without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tune.config import Config, SearchConfig
+from tune.space import define_by_run, grid_pairs
+from tune.trainables import stage1, trial_context
+from wsss.errors import UserError
+from wsss.pipeline import Prepared, prepare
+from wsss.store import write_json_atomic
+
+log = logging.getLogger("tune")
+GRID_SPACES = ("paper", "extended", "pairs")
+
+
+def stage1_space(search: SearchConfig) -> tuple[dict[str, Any], OptunaSearch | None, int]:
+    """(param_space, search algorithm, num_samples) for the configured space."""
+    if search.space in GRID_SPACES:
+        pairs = grid_pairs(search.space, search.pairs)
+        return {"pair": tune.grid_search([list(p) for p in pairs])}, None, 1
+    sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.space == "optuna"
+               else optuna.samplers.RandomSampler(seed=search.seed))
+    gap = search.bounds.min_gap
+    warm = ([{"bg": bg, "fg": fg} for bg, fg in grid_pairs("paper") if fg - bg >= gap]
+            if search.warm_start_grid else None)
+    algo = OptunaSearch(space=define_by_run(search.bounds), metric="objective", mode="max",
+                        sampler=sampler, points_to_evaluate=warm)
+    return {}, algo, search.num_samples
+
+
+def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path) -> pd.DataFrame:
+    """Run every stage-1 trial under Ray Tune; returns one row per trial (its last report)."""
+    search, threads = cfg.search, max(1, int(cfg.search.cpus_per_trial))
+    param_space, algo, num_samples = stage1_space(search)
+    scheduler = None
+    if search.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.affinity.epochs,
+                                  grace_period=min(search.grace_period, cfg.affinity.epochs),
+                                  reduction_factor=search.reduction_factor)
+    context = trial_context(cfg.data, cfg.affinity, prepared, search.objective, threads)
+    trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
+                                    {"cpu": search.cpus_per_trial})
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
+                                    search_alg=algo, num_samples=num_samples,
+                                    max_concurrent_trials=search.max_concurrent,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name="stage1", storage_path=str(search_dir),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  verbose=0))
+    results = tuner.fit()
+    rows = []
+    for result in results:
+        if result.metrics is None or "bg" not in result.metrics:
+            raise UserError(f"a stage-1 trial failed before its first epoch: {result.error}")
+        rows.append({"trial_id": result.metrics["trial_id"], **{
+            k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k not in (
+                "timestamp", "pid", "time_since_restore", "iterations_since_restore")}})
+    return pd.DataFrame(rows).sort_values(["bg", "fg"], ignore_index=True)
+
+
+def promote(table: pd.DataFrame, *, k: int, policy: str, epochs: int) -> pd.DataFrame:
+    """The top-k trials for stage 2 (DESIGN §5).
+
+    Only trials that finished every epoch and are not degenerate qualify. ``global``: the k best
+    by objective; ``per_bg``: the best FG of each BG first, then the k best of those (more
+    diverse). Ties: objective descending, then bg, then fg ascending (deterministic).
+    """
+    finished = table[(table["training_iteration"] >= epochs) & (table["degenerate"] == 0)]
+    if finished.empty:
+        stopped = int((table["training_iteration"] < epochs).sum())
+        degenerate = int((table["degenerate"] != 0).sum())
+        raise UserError(f"no stage-1 trial can be promoted: {len(table)} trials, {stopped} "
+                        f"stopped early, {degenerate} degenerate (no neutral pixel)")
+    ranked = finished.sort_values(["objective", "bg", "fg"], ascending=[False, True, True])
+    if policy == "per_bg":
+        ranked = ranked.drop_duplicates("bg", keep="first")
+    elif policy != "global":
+        raise ValueError(f"unknown promotion policy {policy!r}")
+    if len(ranked) < k:
+        log.warning("only %d trials qualify for promotion (top_k=%d)", len(ranked), k)
+    return ranked.head(k).reset_index(drop=True)
+
+
+def search_folder(cfg: Config) -> Path:
+    return cfg.runtime.runs_root / cfg.name
+
+
+def run_search(cfg: Config, *, address: str | None = None) -> dict[str, Any]:
+    """Stage 0 and stage 1, then promotion to ``candidates.json`` in the search folder."""
+    folder = search_folder(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
+                       affinity=cfg.affinity, imported=cfg.import_cams,
+                       device=cfg.runtime.device, progress=cfg.runtime.progress)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # DESIGN §6: resume loses no trial
+    # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+             ignore_reinit_error=True,
+             **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
+    try:
+        table = run_stage1(cfg, prepared, folder)
+    finally:
+        ray.shutdown()
+    table.to_csv(folder / "stage1.csv", index=False)
+    search = cfg.search
+    candidates = promote(table, k=search.top_k, policy=search.policy, epochs=cfg.affinity.epochs)
+    summary = {"objective": search.objective, "policy": search.policy, "top_k": search.top_k,
+               "candidates": candidates[["bg", "fg", "objective", "trial_id"]]
+               .to_dict(orient="records")}
+    write_json_atomic(folder / "candidates.json", summary)
+    return {"table": table, "candidates": candidates, "folder": folder}

@@ -1,0 +1,69 @@
+"""Ray Tune function trainables. Stage 1: one (BG, FG) trial reporting after every epoch.
+
+Workers reopen the stages' memory-mapped stores from their paths (every node must read the same
+path); nothing large travels through Ray's object store. A checkpoint per epoch (head, optimiser,
+epoch) lets Tune resume a trial where it stopped instead of retraining it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from wsss.affinity import AffinitySpec
+from wsss.data import DataSpec
+from wsss.pipeline import AffinityTrial, Prepared, run_trial
+
+CHECKPOINT_FILE = "trial.pt"
+
+
+def trial_context(data: DataSpec, affinity: AffinitySpec, prepared: Prepared, objective: str,
+                  threads: int) -> dict[str, Any]:
+    """The small, JSON-able description a worker needs to rebuild a trial's inputs."""
+    return {"data": data.model_dump(mode="json"), "affinity": affinity.model_dump(mode="json"),
+            "cams": str(prepared.cams.path), "features": str(prepared.features.path),
+            "objective": objective, "threads": threads}
+
+
+@functools.lru_cache(maxsize=2)
+def _open(context_json: str) -> tuple[Prepared, AffinitySpec]:
+    """Per worker process (actors are reused): open the stores once, not once per trial."""
+    ctx = json.loads(context_json)
+    data = DataSpec.model_validate(ctx["data"])
+    return (Prepared.open(data, Path(ctx["cams"]), Path(ctx["features"])),
+            AffinitySpec.model_validate(ctx["affinity"]))
+
+
+def pair_of(config: dict[str, Any]) -> tuple[float, float]:
+    """(BG, FG) from a grid config (``pair``) or a sampled one (``bg``, ``fg``)."""
+    if "pair" in config:
+        bg, fg = config["pair"]
+    else:
+        bg, fg = config["bg"], config["fg"]
+    return float(bg), float(fg)
+
+
+def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
+    """Train and score one pair, reporting every epoch. ``objective`` is the registered
+    objective that drives the search, except for a degenerate pair (no neutral pixel), which
+    reports 0 so that neither ASHA nor the sampler favours it; its honest ``tecm`` is logged."""
+    torch.set_num_threads(context["threads"])
+    prepared, spec = _open(json.dumps(context, sort_keys=True))
+    bg, fg = pair_of(config)
+    trial = AffinityTrial(prepared, spec, bg, fg)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trial.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False))
+    for metrics in run_trial(bg, fg, prepared, spec, trial=trial):
+        objective = 0.0 if metrics["degenerate"] else metrics[context["objective"]]
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(trial.state_dict(), Path(folder) / CHECKPOINT_FILE)
+            tune.report({**metrics, "bg": bg, "fg": fg, "objective": objective},
+                        checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,275 @@
+"""Stage 2 of the search: DeepLabv3+ trained on a pair's pseudo-labels, scored by val mIoU.
+
+The model is segmentation-models-pytorch's DeepLabv3+ on a timm encoder (``tu-<name>``), always
+built with ``encoder_weights=None`` so nothing is downloaded; a local timm weights file may then be
+loaded into the encoder. Pseudo-labels mark unsure pixels 255 (DESIGN §4): they, like GT-ignore
+pixels, carry no loss, so a pair is judged only by the pixels it commits to.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import timm
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from wsss.classifier import IMAGENET_MEAN, normalise_images, resolve_device
+from wsss.data import IGNORE, SegDataset, atomic_write_bytes
+from wsss.errors import UserError
+from wsss.metrics import confusion, mean_iou
+from wsss.spec import Spec
+
+Labels = Callable[[int], np.ndarray] | Sequence[np.ndarray]
+
+# Crop padding: the mean colour normalises to ~0, so padded pixels look like "no signal".
+_PAD_COLOUR = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
+
+
+class SegmentationSpec(Spec):
+    """The ``segmentation`` config section: DeepLabv3+ architecture and training."""
+
+    encoder: str = Field("test_resnet", description="any timm model, used as smp 'tu-<encoder>'")
+    encoder_weights: Path | None = Field(None, description="local timm weights file; never "
+                                                           "downloaded")
+    encoder_output_stride: Literal[8, 16] = 8
+    decoder_channels: int = Field(256, ge=8)
+    decoder_atrous_rates: tuple[int, int, int] = Field(
+        (2, 4, 6), description="ASPP dilations; smp's (12, 24, 36) suit 512-pixel crops, not the "
+                               "8x8 maps of 64-pixel images")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=2, description="BatchNorm after ASPP pooling needs >= 2")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    crop_size: int | None = Field(None, ge=16, description="random crop; None = whole images")
+    hflip: bool = True
+    seed: int = 0
+
+
+class AnySizeDeepLabV3Plus(smp.DeepLabV3Plus):
+    """smp's DeepLabv3+ for any input size: smp rejects sizes that are not a multiple of the
+    encoder's stride, so inputs are padded (edge pixels repeated) and the logits cropped back.
+
+    ``arch`` keeps the constructor arguments, so a checkpoint can rebuild the model alone.
+    """
+
+    def __init__(self, **arch: Any) -> None:
+        super().__init__(encoder_weights=None, **arch)
+        self.arch = arch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        stride = self.encoder.output_stride
+        pad_h, pad_w = -h % stride, -w % stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        return super().forward(x)[..., :h, :w]
+
+
+def _create(arch: dict[str, Any]) -> AnySizeDeepLabV3Plus:
+    try:
+        return AnySizeDeepLabV3Plus(**arch)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+        # timm's "Unknown model", an unsupported output_stride or feature layout
+        name = arch["encoder_name"].removeprefix("tu-")
+        raise UserError(f"segmentation.encoder {name!r}: cannot build a DeepLabv3+ encoder with "
+                        f"output stride {arch['encoder_output_stride']}: {e}") from None
+
+
+def _load_encoder_weights(model: AnySizeDeepLabV3Plus, spec: SegmentationSpec) -> None:
+    """timm loads the file into a twin feature extractor exactly as it loads pretrained weights
+    (checkpoint remapping, classifier dropped), then the twin's tensors are copied."""
+    path = spec.encoder_weights
+    if path is None:
+        return
+    if not Path(path).is_file():
+        raise UserError(f"segmentation.encoder_weights: file {path} not found")
+    features = model.encoder.model
+    try:
+        twin = timm.create_model(spec.encoder, features_only=True,
+                                 output_stride=spec.encoder_output_stride,
+                                 out_indices=features.feature_info.out_indices, pretrained=True,
+                                 pretrained_cfg_overlay={"file": str(path)})
+        features.load_state_dict(twin.state_dict())
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise UserError(f"segmentation.encoder_weights {path} does not fit encoder "
+                        f"{spec.encoder!r}: {e}") from None
+
+
+def build_model(spec: SegmentationSpec, num_classes: int) -> AnySizeDeepLabV3Plus:
+    """DeepLabv3+ with ``num_classes`` outputs; initialised from ``spec.seed`` (the caller's
+    random state is left untouched) so two builds with one seed are identical."""
+    arch = {"encoder_name": f"tu-{spec.encoder}", "classes": num_classes,
+            "encoder_output_stride": spec.encoder_output_stride,
+            "decoder_channels": spec.decoder_channels,
+            "decoder_atrous_rates": tuple(spec.decoder_atrous_rates)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = _create(arch)
+    _load_encoder_weights(model, spec)
+    return model
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the pixels that are not 255; 0 (with zero gradient, not NaN)
+    when a batch has none, e.g. an all-neutral pseudo-label map."""
+    total = F.cross_entropy(logits, target.long(), ignore_index=IGNORE, reduction="sum")
+    return total / (target != IGNORE).sum().clamp(min=1)
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    return resolve_device(device) if isinstance(device, str) else device
+
+
+def _sample(data: SegDataset, label: Callable[[int], np.ndarray], i: int, spec: SegmentationSpec,
+            g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image i and its label map, flipped and cropped together."""
+    image = torch.from_numpy(data.image(i))
+    target = np.asarray(label(i))
+    if target.shape != image.shape[:2]:
+        raise ValueError(f"label map of image {data.ids[i]} is {target.shape}, the image "
+                         f"{tuple(image.shape[:2])}")
+    if ((target >= data.num_classes) & (target != IGNORE)).any():
+        raise ValueError(f"label map of image {data.ids[i]} has ids outside "
+                         f"0..{data.num_classes - 1} and {IGNORE}")
+    target = torch.from_numpy(target.astype(np.uint8))
+    if spec.hflip and bool(torch.rand((), generator=g) < 0.5):
+        image, target = image.flip(1), target.flip(1)
+    if spec.crop_size is not None:
+        c = spec.crop_size
+        h, w = target.shape
+        canvas = _PAD_COLOUR.expand(max(h, c), max(w, c), 3).clone()
+        canvas_target = torch.full(canvas.shape[:2], IGNORE, dtype=torch.uint8)
+        canvas[:h, :w], canvas_target[:h, :w] = image, target
+        top = int(torch.randint(0, canvas.shape[0] - c + 1, (), generator=g))
+        left = int(torch.randint(0, canvas.shape[1] - c + 1, (), generator=g))
+        image = canvas[top:top + c, left:left + c]
+        target = canvas_target[top:top + c, left:left + c]
+    return image, target
+
+
+def _size_batches(sizes: Sequence[tuple[int, int]], batch_size: int,
+                  g: torch.Generator | None = None) -> list[list[int]]:
+    """Batches of same-size images, shuffled when ``g`` is given. A trailing batch of one joins
+    the batch before it: BatchNorm after ASPP's global pooling fails on a single sample."""
+    order = range(len(sizes)) if g is None else torch.randperm(len(sizes), generator=g).tolist()
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        buckets.setdefault(sizes[i], []).append(i)
+    batches: list[list[int]] = []
+    for members in buckets.values():
+        chunks = [members[k:k + batch_size] for k in range(0, len(members), batch_size)]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            chunks[-2] += chunks.pop()
+        batches += chunks
+    if g is None:
+        return batches
+    return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def train_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset, labels: Labels,
+                       spec: SegmentationSpec, device: torch.device | str, *,
+                       val: SegDataset | None = None,
+                       on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                       ) -> dict[str, float]:
+    """Train on ``labels`` (image i's uint8 label map at image size; 255 ignored) with
+    cross-entropy, AdamW and a one-cycle schedule; deterministic for a seed on CPU.
+
+    After each epoch ``on_epoch(epochs_done, metrics)`` gets ``seg_loss`` (mean per labelled
+    pixel) and, with ``val``, ``val_miou``. Returns the last epoch's metrics; the model is left
+    in eval mode. Without ``crop_size`` only same-size images share a batch.
+    """
+    device = _as_device(device)
+    label = labels if callable(labels) else labels.__getitem__
+    if not callable(labels) and len(labels) != len(data):
+        raise ValueError(f"{len(labels)} label maps for {len(data)} images")
+    crop = spec.crop_size
+    sizes = [(crop, crop) if crop else data.size(i) for i in range(len(data))]
+    counts: dict[tuple[int, int], int] = {}
+    for s in sizes:
+        counts[s] = counts.get(s, 0) + 1
+    if lone := sum(n == 1 for n in counts.values()):
+        warnings.warn(f"{lone} images share their size with no other image and are skipped "
+                      "(BatchNorm needs two); set segmentation.crop_size to train on them",
+                      stacklevel=2)
+    torch.manual_seed(spec.seed)  # dropout in the decoder
+    g = torch.Generator().manual_seed(spec.seed)  # order, flips, crops
+    steps = len([b for b in _size_batches(sizes, spec.batch_size) if len(b) > 1])
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, pct_start=0.15,
+                                                total_steps=max(1, spec.epochs * steps))
+    metrics: dict[str, float] = {}
+    for epoch in range(1, spec.epochs + 1):
+        model.train()
+        loss_sum, pixels = 0.0, 0
+        for batch in _size_batches(sizes, spec.batch_size, g):
+            if len(batch) == 1:
+                continue
+            images, targets = zip(*(_sample(data, label, i, spec, g) for i in batch))
+            x = normalise_images(torch.stack(images).to(device))
+            y = torch.stack(targets).to(device)
+            loss = segmentation_loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            n = int((y != IGNORE).sum())
+            loss_sum, pixels = loss_sum + loss.item() * n, pixels + n
+        metrics = {"seg_loss": loss_sum / max(pixels, 1)}
+        if val is not None:
+            metrics["val_miou"] = evaluate_segmentation(model, val, device)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    model.eval()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset,
+                          device: torch.device | str, batch_size: int = 32) -> float:
+    """Standard mIoU of the predictions against ``data``'s ground truth: one confusion matrix
+    pooled over the split, classes with an empty union left out (DESIGN §4)."""
+    device = _as_device(device)
+    model.to(device).eval()
+    conf = np.zeros((data.num_classes, data.num_classes + 1), np.int64)
+    for batch in _size_batches([data.size(i) for i in range(len(data))], batch_size):
+        x = torch.stack([torch.from_numpy(data.image(i)) for i in batch]).to(device)
+        pred = model(normalise_images(x)).argmax(1).byte().cpu().numpy()
+        for i, p in zip(batch, pred):
+            conf += confusion(p, data.mask(i), data.num_classes)
+    return mean_iou(conf)
+
+
+@torch.no_grad()
+def predict(model: AnySizeDeepLabV3Plus, image: np.ndarray,
+            device: torch.device | str) -> np.ndarray:
+    """uint8 label map of one uint8 ``HxWx3`` image, at the image's size."""
+    device = _as_device(device)
+    model.to(device).eval()
+    x = normalise_images(torch.from_numpy(np.ascontiguousarray(image))[None].to(device))
+    return model(x)[0].argmax(0).byte().cpu().numpy()
+
+
+def save_segmentation(model: AnySizeDeepLabV3Plus, path: Path, meta: dict) -> None:
+    """Atomically save weights, the architecture (so loading needs no spec) and ``meta``."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "arch": model.arch, "meta": meta}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_segmentation(path: Path, device: torch.device | str,
+                      ) -> tuple[AnySizeDeepLabV3Plus, dict]:
+    """Rebuild a saved model in eval mode, with its ``meta`` (nothing is downloaded)."""
+    device = _as_device(device)
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = _create(ckpt["arch"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt["meta"]
