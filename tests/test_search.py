@@ -68,3 +68,27 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
     best = t[(t.training_iteration == 2) & (t.degenerate == 0)].objective.max()
     assert saved["candidates"][0]["objective"] == pytest.approx(best)
     assert all(c["bg"] != c["fg"] for c in saved["candidates"])
+    # MLflow (a real SQLite store): one parent, one child per trial, nothing left RUNNING
+    from mlflow import MlflowClient
+
+    client = MlflowClient(out["tracking_uri"])
+    assert out["tracking_uri"] == f"sqlite:///{(runs / 'mlflow.db').resolve()}"
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["affinity.epochs"] == "2" and parent.data.tags["git_commit"]
+    assert parent.data.tags["version.torch"] and parent.data.tags["config_hash"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    assert sorted((c.data.params["bg"], c.data.params["fg"]) for c in children) == [
+        ("0.1", "0.35"), ("0.2", "0.45"), ("0.25", "0.5"), ("0.3", "0.3")]
+    for child in children:
+        assert child.data.tags["stage"] == "1"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "tecm")]
+        row = t[t.mlflow_run_id == child.info.run_id].iloc[0]
+        assert steps == list(range(1, int(row.training_iteration) + 1))
+        assert child.data.metrics["tecm"] == pytest.approx(row.tecm)
+        assert child.data.tags["stopped_early"] == ("false" if row.training_iteration == 2
+                                                    else "true")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"stage1.csv", "candidates.json"} <= artifacts

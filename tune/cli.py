@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--address", help="a running Ray cluster (auto or HOST:PORT); default: a "
                                      "local Ray started for this search")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store "
+                                          "<runs_root>/mlflow.db)")
 
     p = sub.add_parser("import-cams", help="import IRN / PuzzleCAM CAM .npy files into a CAM "
                                            "store that the later stages read")
@@ -197,7 +199,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
-    out = run_search(cfg, address=args.address)
+    out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri)
     table = out["table"]
     columns = [c for c in ("bg", "fg", "training_iteration", "objective", "tecm", "tecm_pooled",
                            "npr_initial", "npr_pseudo", "pqs_initial", "pqs_pseudo")
@@ -210,6 +212,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"\npromoted ({cfg.search.policy}, top {cfg.search.top_k}): "
           + ", ".join(f"({r.bg:g}, {r.fg:g})" for r in cands.itertuples()))
     print(f"search folder: {out['folder']}")
+    print(f"MLflow: mlflow ui --backend-store-uri {out['tracking_uri']}  "
+          f"(parent run {out['parent_run_id']})")
 
 
 def _dataset(args: argparse.Namespace) -> SegDataset:

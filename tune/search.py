@@ -17,12 +17,13 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from tune import tracking
 from tune.config import Config, SearchConfig
 from tune.space import define_by_run, grid_pairs
 from tune.trainables import stage1, trial_context
 from wsss.errors import UserError
-from wsss.pipeline import Prepared, prepare
-from wsss.store import write_json_atomic
+from wsss.pipeline import Prepared, digest, prepare
+from wsss.store import write_csv_atomic, write_json_atomic
 
 log = logging.getLogger("tune")
 GRID_SPACES = ("paper", "extended", "pairs")
@@ -43,7 +44,8 @@ def stage1_space(search: SearchConfig) -> tuple[dict[str, Any], OptunaSearch | N
     return {}, algo, search.num_samples
 
 
-def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path) -> pd.DataFrame:
+def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: str,
+               parent_run_id: str) -> pd.DataFrame:
     """Run every stage-1 trial under Ray Tune; returns one row per trial (its last report)."""
     search, threads = cfg.search, max(1, int(cfg.search.cpus_per_trial))
     param_space, algo, num_samples = stage1_space(search)
@@ -52,7 +54,8 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path) -> pd.DataFram
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.affinity.epochs,
                                   grace_period=min(search.grace_period, cfg.affinity.epochs),
                                   reduction_factor=search.reduction_factor)
-    context = trial_context(cfg.data, cfg.affinity, prepared, search.objective, threads)
+    context = trial_context(cfg.data, cfg.affinity, prepared, search.objective, threads,
+                            tracking_uri, parent_run_id)
     trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
                                     {"cpu": search.cpus_per_trial})
     tuner = tune.Tuner(
@@ -69,7 +72,8 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path) -> pd.DataFram
     for result in results:
         if result.metrics is None or "bg" not in result.metrics:
             raise UserError(f"a stage-1 trial failed before its first epoch: {result.error}")
-        rows.append({"trial_id": result.metrics["trial_id"], **{
+        rows.append({"trial_id": result.metrics["trial_id"],
+                     "mlflow_run_id": result.metrics["mlflow_run_id"], **{
             k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k not in (
                 "timestamp", "pid", "time_since_restore", "iterations_since_restore")}})
     return pd.DataFrame(rows).sort_values(["bg", "fg"], ignore_index=True)
@@ -102,10 +106,13 @@ def search_folder(cfg: Config) -> Path:
     return cfg.runtime.runs_root / cfg.name
 
 
-def run_search(cfg: Config, *, address: str | None = None) -> dict[str, Any]:
-    """Stage 0 and stage 1, then promotion to ``candidates.json`` in the search folder."""
+def run_search(cfg: Config, *, address: str | None = None,
+               tracking_uri: str | None = None) -> dict[str, Any]:
+    """Stage 0 and stage 1, then promotion to ``candidates.json`` in the search folder; an
+    MLflow parent run for the search with a child per trial."""
     folder = search_folder(cfg)
     folder.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or tracking.default_uri(cfg.runtime.runs_root)
     prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
                        affinity=cfg.affinity, imported=cfg.import_cams,
                        device=cfg.runtime.device, progress=cfg.runtime.progress)
@@ -115,15 +122,30 @@ def run_search(cfg: Config, *, address: str | None = None) -> dict[str, Any]:
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True,
              **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
+    config = cfg.model_dump(mode="json")
+    seeds = {"classifier": cfg.classifier.seed, "affinity": cfg.affinity.seed,
+             "search": cfg.search.seed}
+    parent = tracking.start_parent(uri, cfg.name, config,
+                                   tracking.provenance(seeds, digest(config)))
+    status = "FAILED"
     try:
-        table = run_stage1(cfg, prepared, folder)
+        try:
+            table = run_stage1(cfg, prepared, folder, uri, parent)
+        finally:
+            ray.shutdown()
+            tracking.close_children(uri, parent)
+        write_csv_atomic(table, folder / "stage1.csv")
+        search = cfg.search
+        candidates = promote(table, k=search.top_k, policy=search.policy,
+                             epochs=cfg.affinity.epochs)
+        summary = {"objective": search.objective, "policy": search.policy,
+                   "top_k": search.top_k, "mlflow_parent_run_id": parent,
+                   "candidates": candidates[["bg", "fg", "objective", "trial_id",
+                                             "mlflow_run_id"]].to_dict(orient="records")}
+        write_json_atomic(folder / "candidates.json", summary)
+        tracking.log_artifacts(uri, parent, [folder / "stage1.csv", folder / "candidates.json"])
+        status = "FINISHED"
     finally:
-        ray.shutdown()
-    table.to_csv(folder / "stage1.csv", index=False)
-    search = cfg.search
-    candidates = promote(table, k=search.top_k, policy=search.policy, epochs=cfg.affinity.epochs)
-    summary = {"objective": search.objective, "policy": search.policy, "top_k": search.top_k,
-               "candidates": candidates[["bg", "fg", "objective", "trial_id"]]
-               .to_dict(orient="records")}
-    write_json_atomic(folder / "candidates.json", summary)
-    return {"table": table, "candidates": candidates, "folder": folder}
+        tracking.finish(uri, parent, status)
+    return {"table": table, "candidates": candidates, "folder": folder, "tracking_uri": uri,
+            "parent_run_id": parent}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from ray import tune
 
+from tune import tracking
 from wsss.affinity import AffinitySpec
 from wsss.data import DataSpec
 from wsss.pipeline import AffinityTrial, Prepared, run_trial
@@ -24,11 +25,12 @@ CHECKPOINT_FILE = "trial.pt"
 
 
 def trial_context(data: DataSpec, affinity: AffinitySpec, prepared: Prepared, objective: str,
-                  threads: int) -> dict[str, Any]:
+                  threads: int, tracking_uri: str, parent_run_id: str) -> dict[str, Any]:
     """The small, JSON-able description a worker needs to rebuild a trial's inputs."""
     return {"data": data.model_dump(mode="json"), "affinity": affinity.model_dump(mode="json"),
             "cams": str(prepared.cams.path), "features": str(prepared.features.path),
-            "objective": objective, "threads": threads}
+            "objective": objective, "threads": threads, "tracking_uri": tracking_uri,
+            "parent_run_id": parent_run_id}
 
 
 @functools.lru_cache(maxsize=2)
@@ -56,14 +58,25 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     torch.set_num_threads(context["threads"])
     prepared, spec = _open(json.dumps(context, sort_keys=True))
     bg, fg = pair_of(config)
+    uri = context["tracking_uri"]
     trial = AffinityTrial(prepared, spec, bg, fg)
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None:  # resumed: same weights, same epoch, same MLflow run
         with checkpoint.as_directory() as folder:
-            trial.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False))
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+        trial.load_state_dict(state["trial"])
+        run_id = state["run_id"]
+    else:
+        run_id = tracking.start_child(uri, context["parent_run_id"], 1, bg, fg)
     for metrics in run_trial(bg, fg, prepared, spec, trial=trial):
         objective = 0.0 if metrics["degenerate"] else metrics[context["objective"]]
+        report = {**metrics, "bg": bg, "fg": fg, "objective": objective}
+        tracking.log_epoch(uri, run_id, {k: v for k, v in report.items()
+                                         if k not in ("bg", "fg", "epoch")}, metrics["epoch"])
+        if metrics["epoch"] == spec.epochs:  # before the last report: Tune may end us there
+            tracking.finish(uri, run_id, stopped_early="false")
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(trial.state_dict(), Path(folder) / CHECKPOINT_FILE)
-            tune.report({**metrics, "bg": bg, "fg": fg, "objective": objective},
+            torch.save({"trial": trial.state_dict(), "run_id": run_id},
+                       Path(folder) / CHECKPOINT_FILE)
+            tune.report({**report, "mlflow_run_id": run_id},
                         checkpoint=tune.Checkpoint.from_directory(folder))

@@ -9,6 +9,7 @@ pixels, carry no loss, so a pair is judged only by the pixels it commits to.
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,8 +85,13 @@ def _create(arch: dict[str, Any]) -> AnySizeDeepLabV3Plus:
 
 
 def _load_encoder_weights(model: AnySizeDeepLabV3Plus, spec: SegmentationSpec) -> None:
-    """timm loads the file into a twin feature extractor exactly as it loads pretrained weights
-    (checkpoint remapping, classifier dropped), then the twin's tensors are copied."""
+    """Load a timm state dict into the encoder.
+
+    timm loads the file into a twin feature extractor as it loads pretrained weights (feature
+    modules renamed, classifier dropped) and the twin's tensors are copied. timm only logs keys
+    that do not match, so the file is first checked against the headless model: a file for
+    another architecture must fail, not leave the encoder silently random.
+    """
     path = spec.encoder_weights
     if path is None:
         return
@@ -93,12 +99,17 @@ def _load_encoder_weights(model: AnySizeDeepLabV3Plus, spec: SegmentationSpec) -
         raise UserError(f"segmentation.encoder_weights: file {path} not found")
     features = model.encoder.model
     try:
+        state = timm.models.load_state_dict(str(path))
+        headless = timm.create_model(spec.encoder, num_classes=0)
+        missing = headless.load_state_dict(state, strict=False).missing_keys
+        if missing:
+            raise ValueError(f"{len(missing)} of its tensors are missing, e.g. {missing[0]!r}")
         twin = timm.create_model(spec.encoder, features_only=True,
                                  output_stride=spec.encoder_output_stride,
                                  out_indices=features.feature_info.out_indices, pretrained=True,
                                  pretrained_cfg_overlay={"file": str(path)})
         features.load_state_dict(twin.state_dict())
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, pickle.UnpicklingError) as e:
         raise UserError(f"segmentation.encoder_weights {path} does not fit encoder "
                         f"{spec.encoder!r}: {e}") from None
 
