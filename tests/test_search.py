@@ -92,3 +92,72 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
                                                     else "true")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"stage1.csv", "candidates.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_rerunning_finished_trials(ci_config, ci_prepared,
+                                                                  tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    from tune.search import load_state
+
+    runs = tmp_path / "runs"
+    args = ["search", "--config", "ci", "--set", "name=resume",
+            "--set", "search.space=pairs", "--set", "search.scheduler=none",
+            "--set", "search.pairs=[[0.1,0.35],[0.15,0.4],[0.2,0.45],[0.25,0.5]]",
+            "--set", "affinity.epochs=3", "--set", "affinity.subset=40",
+            "--set", "search.max_concurrent=1",
+            "--set", f"data.root={ci_config.data.root}", "--set", f"runtime.runs_root={runs}"]
+    # stage 0 reuses the session's classifier and CAM store (same data, same settings)
+    os.makedirs(runs, exist_ok=True)
+    os.symlink(ci_config.runtime.runs_root / "stores", runs / "stores")
+    proc = subprocess.Popen([sys.executable, "-m", "tune.cli", *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    folder = runs / "resume"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # wait until one trial finished all its epochs
+            done = [p for p in (folder / "stage1").glob("*/result.json")
+                    if len(p.read_text().splitlines()) >= 3]
+            if done:
+                time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S: Tune has recorded it as finished
+                break
+            assert proc.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            raise AssertionError("no trial finished within 300 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait()
+    state = load_state(folder)
+    client = MlflowClient(state["tracking_uri"])
+    before = {r.info.run_id: r for r in client.search_runs(
+        [client.get_run(state["parent_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")}
+    finished_before = {f'{json.loads((p.parent / "params.json").read_text())["pair"][0]:g}'
+                       for p in done}
+    assert finished_before  # something finished before the kill
+
+    from tune.cli import main
+
+    assert main(["search", "--resume", str(folder)]) == 0
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.params["bg"] for c in children) == ["0.1", "0.15", "0.2", "0.25"]
+    assert {c.info.status for c in children} == {"FINISHED"}  # nothing left RUNNING
+    for child in children:  # each epoch reported once: no trial was trained twice
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "tecm")]
+        assert steps == [1, 2, 3], (child.data.params, steps)
+        if child.data.params["bg"] in finished_before:
+            assert child.info.run_id in before
+            assert child.info.end_time == before[child.info.run_id].info.end_time
+    assert len(json.loads((folder / "candidates.json").read_text())["candidates"]) >= 1

@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="stage 0 + stage 1: TECM trials over (BG, FG) under Ray "
                                       "Tune, then promotion of the top-k to candidates.json")
-    _config_args(p)
+    p.add_argument("--config", help="YAML file, or the name of a packaged config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue a killed search from its folder (its saved config is used)")
     p.add_argument("--address", help="a running Ray cluster (auto or HOST:PORT); default: a "
                                      "local Ray started for this search")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store "
@@ -197,9 +201,21 @@ def cmd_search(args: argparse.Namespace) -> None:
     from tune.config import load_config
     from tune.search import run_search
 
-    cfg = load_config(args.config, args.overrides)
+    if args.resume is not None:
+        from tune.config import Config
+        from tune.search import load_state
+
+        cfg = Config.model_validate(load_state(args.resume)["config"])
+        if (cfg.runtime.runs_root / cfg.name).resolve() != args.resume.resolve():
+            raise UserError(f"{args.resume} was moved: its search was recorded at "
+                            f"{cfg.runtime.runs_root / cfg.name}")
+    elif args.config is None:
+        raise UserError("search needs --config (a new search) or --resume RUN_DIR")
+    else:
+        cfg = load_config(args.config, args.overrides)
     start = time.perf_counter()
-    out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri)
+    out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri,
+                     resume=args.resume is not None)
     table = out["table"]
     columns = [c for c in ("bg", "fg", "training_iteration", "objective", "tecm", "tecm_pooled",
                            "npr_initial", "npr_pseudo", "pqs_initial", "pqs_pseudo")

@@ -5,6 +5,7 @@ Promotion is a pure function of the stage-1 table, so it can be re-run (and test
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -45,7 +46,7 @@ def stage1_space(search: SearchConfig) -> tuple[dict[str, Any], OptunaSearch | N
 
 
 def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: str,
-               parent_run_id: str) -> pd.DataFrame:
+               parent_run_id: str, resume: bool = False) -> pd.DataFrame:
     """Run every stage-1 trial under Ray Tune; returns one row per trial (its last report)."""
     search, threads = cfg.search, max(1, int(cfg.search.cpus_per_trial))
     param_space, algo, num_samples = stage1_space(search)
@@ -58,6 +59,11 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
                             tracking_uri, parent_run_id)
     trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
                                     {"cpu": search.cpus_per_trial})
+    stage_dir = search_dir / "stage1"
+    if resume and tune.Tuner.can_restore(str(stage_dir)):
+        tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
+                                   restart_errored=True)
+        return _trials_table(tuner.fit())
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
@@ -67,7 +73,11 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
         run_config=tune.RunConfig(name="stage1", storage_path=str(search_dir),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   verbose=0))
-    results = tuner.fit()
+    return _trials_table(tuner.fit())
+
+
+def _trials_table(results: tune.ResultGrid) -> pd.DataFrame:
+    """One row per trial: its id, MLflow run and the metrics of its last report."""
     rows = []
     for result in results:
         if result.metrics is None or "bg" not in result.metrics:
@@ -106,31 +116,57 @@ def search_folder(cfg: Config) -> Path:
     return cfg.runtime.runs_root / cfg.name
 
 
-def run_search(cfg: Config, *, address: str | None = None,
-               tracking_uri: str | None = None) -> dict[str, Any]:
-    """Stage 0 and stage 1, then promotion to ``candidates.json`` in the search folder; an
-    MLflow parent run for the search with a child per trial."""
-    folder = search_folder(cfg)
+STATE_FILE = "search.json"
+
+
+def _begin(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[str, Any]:
+    """A new search: its folder, MLflow parent run and the state a resume needs (atomic)."""
+    if (folder / STATE_FILE).exists():
+        raise UserError(f"search folder {folder} already holds a search: resume it with "
+                        f"--resume {folder}, or give this one another name (--set name=...)")
     folder.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or tracking.default_uri(cfg.runtime.runs_root)
-    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                       affinity=cfg.affinity, imported=cfg.import_cams,
-                       device=cfg.runtime.device, progress=cfg.runtime.progress)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # DESIGN §6: resume loses no trial
-    # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-             ignore_reinit_error=True,
-             **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
     config = cfg.model_dump(mode="json")
     seeds = {"classifier": cfg.classifier.seed, "affinity": cfg.affinity.seed,
              "search": cfg.search.seed}
     parent = tracking.start_parent(uri, cfg.name, config,
                                    tracking.provenance(seeds, digest(config)))
+    state = {"config": config, "tracking_uri": uri, "parent_run_id": parent}
+    write_json_atomic(folder / STATE_FILE, state)
+    return state
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """What `run_search` recorded when it began: config, tracking URI, parent run id."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} is not a search folder ({STATE_FILE} not found)")
+    return json.loads(path.read_text())
+
+
+def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    """Stage 0 and stage 1, then promotion to ``candidates.json`` in the search folder; an
+    MLflow parent run for the search with a child per trial. ``resume`` continues a search that
+    was killed: finished trials are not rerun, stopped ones continue from their checkpoint."""
+    folder = search_folder(cfg)
+    state = load_state(folder) if resume else _begin(cfg, folder, tracking_uri)
+    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    if resume:
+        tracking.reopen(uri, parent)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # DESIGN §6: resume loses no trial
+    # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     status = "FAILED"
     try:
+        prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
+                           affinity=cfg.affinity, imported=cfg.import_cams,
+                           device=cfg.runtime.device, progress=cfg.runtime.progress)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True,
+                 **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
         try:
-            table = run_stage1(cfg, prepared, folder, uri, parent)
+            table = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
         finally:
             ray.shutdown()
             tracking.close_children(uri, parent)

@@ -72,14 +72,35 @@ def start_parent(uri: str, name: str, config: dict[str, Any], tags: dict[str, st
     return run.info.run_id
 
 
-def start_child(uri: str, parent_id: str, stage: int, bg: float, fg: float) -> str:
+def reopen(uri: str, run_id: str) -> None:
+    """Mark a resumed search's parent run RUNNING again."""
+    MlflowClient(uri).update_run(run_id, status="RUNNING")
+
+
+def start_child(uri: str, parent_id: str, stage: int, trial_id: str, bg: float,
+                fg: float) -> str:
+    """The child run of one trial, keyed by its Tune trial id: a trial restarted after a
+    crash (before its first checkpoint) finds its run again instead of duplicating it."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
+    existing = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                  f"tags.trial_id = '{trial_id}' and tags.stage = '{stage}'")
+    if existing:
+        client.update_run(existing[0].info.run_id, status="RUNNING")
+        return existing[0].info.run_id
     run = client.create_run(parent.info.experiment_id, run_name=f"bg={bg:g} fg={fg:g}",
                             tags={"mlflow.parentRunId": parent_id, "stage": str(stage),
+                                  "trial_id": trial_id,
                                   "search": parent.data.tags.get("search", "")})
     client.log_batch(run.info.run_id, params=[Param("bg", f"{bg:g}"), Param("fg", f"{fg:g}")])
     return run.info.run_id
+
+
+def logged_steps(uri: str, run_id: str, key: str = "objective") -> set[int]:
+    """Steps already logged: a trial restarted after a crash re-runs epochs that reached MLflow
+    but not a durable checkpoint; training is deterministic, so they are not logged twice."""
+    return {m.step for m in MlflowClient(uri).get_metric_history(run_id, key)}
 
 
 def log_epoch(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:

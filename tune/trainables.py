@@ -60,23 +60,23 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     bg, fg = pair_of(config)
     uri = context["tracking_uri"]
     trial = AffinityTrial(prepared, spec, bg, fg)
+    run_id = tracking.start_child(uri, context["parent_run_id"], 1,
+                                  tune.get_context().get_trial_id(), bg, fg)
+    logged = tracking.logged_steps(uri, run_id)
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # resumed: same weights, same epoch, same MLflow run
+    if checkpoint is not None:  # resumed: same weights and epoch (and the same MLflow run)
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
-        trial.load_state_dict(state["trial"])
-        run_id = state["run_id"]
-    else:
-        run_id = tracking.start_child(uri, context["parent_run_id"], 1, bg, fg)
+            trial.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE,
+                                             weights_only=False))
     for metrics in run_trial(bg, fg, prepared, spec, trial=trial):
         objective = 0.0 if metrics["degenerate"] else metrics[context["objective"]]
         report = {**metrics, "bg": bg, "fg": fg, "objective": objective}
-        tracking.log_epoch(uri, run_id, {k: v for k, v in report.items()
-                                         if k not in ("bg", "fg", "epoch")}, metrics["epoch"])
+        if metrics["epoch"] not in logged:
+            tracking.log_epoch(uri, run_id, {k: v for k, v in report.items()
+                                             if k not in ("bg", "fg", "epoch")}, metrics["epoch"])
         if metrics["epoch"] == spec.epochs:  # before the last report: Tune may end us there
             tracking.finish(uri, run_id, stopped_early="false")
         with tempfile.TemporaryDirectory() as folder:
-            torch.save({"trial": trial.state_dict(), "run_id": run_id},
-                       Path(folder) / CHECKPOINT_FILE)
+            torch.save(trial.state_dict(), Path(folder) / CHECKPOINT_FILE)
             tune.report({**report, "mlflow_run_id": run_id},
                         checkpoint=tune.Checkpoint.from_directory(folder))
