@@ -92,6 +92,7 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
                                                     else "true")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"stage1.csv", "candidates.json"} <= artifacts
+    assert parent.info.artifact_uri.startswith((runs / "mlartifacts").as_uri())  # not ./mlruns
 
 
 @pytest.mark.slow

@@ -28,9 +28,19 @@ def default_uri(runs_root: Path) -> str:
     return f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
 
 
-def experiment_id(client: MlflowClient) -> str:
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside it (MLflow's default, ``./mlruns``, depends on
+    the current directory); a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(client: MlflowClient, uri: str) -> str:
     found = client.get_experiment_by_name(EXPERIMENT)
-    return found.experiment_id if found else client.create_experiment(EXPERIMENT)
+    if found:
+        return found.experiment_id
+    return client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -64,7 +74,7 @@ def provenance(seeds: dict[str, int], config_hash: str) -> dict[str, str]:
 
 def start_parent(uri: str, name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id(client), run_name=name,
+    run = client.create_run(experiment_id(client, uri), run_name=name,
                             tags={"search": name, "role": "search", **tags})
     params = [Param(k, v) for k, v in flatten(config).items()]
     for i in range(0, len(params), 100):
