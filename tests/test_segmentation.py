@@ -5,12 +5,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from wsss.data import IGNORE, SegDataset
 from wsss.errors import UserError
 from wsss.metrics import confusion, mean_iou
 from wsss.segmentation import (
     SegmentationSpec,
+    _size_batches,
     build_model,
     evaluate_segmentation,
     load_segmentation,
@@ -47,7 +49,7 @@ def test_training_on_ground_truth_beats_untrained_and_all_background(splits):
     assert set(last) == {"seg_loss", "val_miou"}
     assert seen[-1][1]["seg_loss"] < seen[0][1]["seg_loss"]
     assert last["val_miou"] == evaluate_segmentation(model, val, CPU)
-    assert last["val_miou"] > max(untrained, background) + 0.15, (untrained, background, last)
+    assert last["val_miou"] > max(untrained, background) + 0.25, (untrained, background, last)
 
 
 def test_same_seed_same_run_with_flips_and_crops(splits):
@@ -155,3 +157,39 @@ def test_save_load_round_trip_predicts_identically(splits, tmp_path):
         np.testing.assert_array_equal(predict(loaded, val.image(i), CPU),
                                       predict(model, val.image(i), CPU))
     assert evaluate_segmentation(loaded, val, CPU) == evaluate_segmentation(model, val, CPU)
+
+
+def test_batches_hold_one_size_and_never_a_lone_image_unless_unavoidable():
+    sizes = [(64, 64)] * 5 + [(32, 48)] * 3 + [(50, 50)]
+    batches = _size_batches(sizes, 2, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(9))
+    assert all(len({sizes[i] for i in b}) == 1 for b in batches)
+    assert sorted(len(b) for b in batches) == [1, 2, 3, 3]  # only (50, 50) is alone
+
+
+class _MixedSizes(SegDataset):
+    """The first 20 images cropped to 48x40 and one to 40x40: three sizes, one of them alone."""
+
+    def _crop(self, i: int) -> tuple[int, int] | None:
+        return (48, 40) if i < 20 else (40, 40) if i == 20 else None
+
+    def image(self, i: int) -> np.ndarray:
+        full, crop = super().image(i), self._crop(i)
+        return full if crop is None else full[: crop[0], : crop[1]]
+
+    def mask(self, i: int) -> np.ndarray:  # read directly: SegDataset.mask checks size(i)
+        full, crop = np.asarray(Image.open(self.mask_path(i))), self._crop(i)
+        return full if crop is None else full[: crop[0], : crop[1]]
+
+    def size(self, i: int) -> tuple[int, int]:
+        return self._crop(i) or super().size(i)
+
+
+def test_mixed_sizes_train_in_same_size_batches(splits):
+    train, _, _ = splits
+    mixed = _MixedSizes(train.root, "train")
+    spec = SegmentationSpec(epochs=1)
+    model = build_model(spec, mixed.num_classes)
+    with pytest.warns(UserWarning, match="1 images share their size with no other"):
+        metrics = train_segmentation(model, mixed, mixed.mask, spec, CPU, val=mixed)
+    assert metrics["seg_loss"] > 0 and 0 <= metrics["val_miou"] <= 1
