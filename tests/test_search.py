@@ -56,6 +56,7 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
     runs = ci_config.runtime.runs_root  # the session's stores: stage 0 is all cached
     cfg = load_config("ci", ["search.space=pairs", f"search.pairs={pairs}", "affinity.epochs=2",
                              "affinity.subset=40", "search.top_k=2", "search.grace_period=1",
+                             "segmentation.epochs=2",
                              f"data.root={ci_config.data.root}", f"runtime.runs_root={runs}"])
     out = run_search(cfg)
     t = out["table"]
@@ -78,7 +79,8 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
     assert parent.data.params["affinity.epochs"] == "2" and parent.data.tags["git_commit"]
     assert parent.data.tags["version.torch"] and parent.data.tags["config_hash"]
     children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                  f"and tags.stage = '1'")
     assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
     assert sorted((c.data.params["bg"], c.data.params["fg"]) for c in children) == [
         ("0.1", "0.35"), ("0.2", "0.45"), ("0.25", "0.5"), ("0.3", "0.3")]
@@ -93,6 +95,22 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"stage1.csv", "candidates.json"} <= artifacts
     assert parent.info.artifact_uri.startswith((runs / "mlartifacts").as_uri())  # not ./mlruns
+    # stage 2: DeepLabv3+ on each candidate's pseudo-labels, val mIoU per epoch, then selection
+    stage2 = client.search_runs([parent.info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                f"and tags.stage = '2'")
+    assert len(stage2) == len(saved["candidates"])
+    assert {r.info.status for r in stage2} == {"FINISHED"}
+    for run in stage2:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")]
+        assert steps == [1, 2] and 0 < run.data.metrics["val_miou"] < 1
+    selection = json.loads((runs / "ci" / "selection.json").read_text())
+    assert selection["pick"] == "objective" and selection["uses_ground_truth"] is False
+    pair = (selection["pair"]["bg"], selection["pair"]["fg"])
+    assert pair == (saved["candidates"][0]["bg"], saved["candidates"][0]["fg"])
+    assert selection["regret_val_miou"] >= 0
+    assert {"stage1.csv", "candidates.json", "selection.json", "thresholds.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 @pytest.mark.slow
@@ -113,7 +131,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ci_config, ci_p
             "--set", "search.space=pairs", "--set", "search.scheduler=none",
             "--set", "search.pairs=[[0.1,0.35],[0.15,0.4],[0.2,0.45],[0.25,0.5]]",
             "--set", "affinity.epochs=3", "--set", "affinity.subset=40",
-            "--set", "search.max_concurrent=1",
+            "--set", "search.max_concurrent=1", "--set", "search.stage2=false",
             "--set", f"data.root={ci_config.data.root}", "--set", f"runtime.runs_root={runs}"]
     # stage 0 reuses the session's classifier and CAM store (same data, same settings)
     os.makedirs(runs, exist_ok=True)

@@ -225,8 +225,17 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(table[columns].rename(columns={"training_iteration": "epochs"})
           .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     cands = out["candidates"]
-    print(f"\npromoted ({cfg.search.policy}, top {cfg.search.top_k}): "
-          + ", ".join(f"({r.bg:g}, {r.fg:g})" for r in cands.itertuples()))
+    shown = [c for c in ("bg", "fg", "objective", "pqs_avg", "val_miou") if c in cands]
+    print(f"\npromoted ({cfg.search.policy}, top {cfg.search.top_k}):")
+    print(cands[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    sel = out["selection"]
+    note = " (uses ground truth)" if sel["uses_ground_truth"] else " (no ground truth used)"
+    print(f"\nselected (BG, FG) = ({sel['pair']['bg']:g}, {sel['pair']['fg']:g}) by "
+          f"{sel['pick']}{note}")
+    if "best_by_val_miou" in sel:
+        best = sel["best_by_val_miou"]
+        print(f"best candidate by val mIoU: ({best['bg']:g}, {best['fg']:g}) "
+              f"{best['val_miou']:.2%}; regret of the pick {sel['regret_val_miou']:.2%}")
     print(f"search folder: {out['folder']}")
     print(f"MLflow: mlflow ui --backend-store-uri {out['tracking_uri']}  "
           f"(parent run {out['parent_run_id']})")

@@ -22,6 +22,7 @@ from wsss.errors import UserError
 from wsss.interop import ImportSpec
 from wsss.objectives import check_objective
 from wsss.regions import check_pair
+from wsss.segmentation import SegmentationSpec
 from wsss.spec import Spec
 
 
@@ -59,6 +60,10 @@ class SearchConfig(Section):
     cpus_per_trial: float = Field(1.0, gt=0)
     top_k: int = Field(3, ge=1)
     policy: Literal["global", "per_bg"] = "global"
+    stage2: bool = Field(True, description="train DeepLabv3+ on the promoted pairs")
+    pick: Literal["objective", "val_miou"] = Field(
+        "objective", description="final pick: weakly supervised (objective) or by val mIoU "
+                                 "(uses ground truth; selection.json says so)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -88,6 +93,7 @@ class Config(Section):
     affinity: AffinitySpec = Field(default_factory=AffinitySpec)
     surface: SurfaceConfig = Field(default_factory=SurfaceConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    segmentation: SegmentationSpec = Field(default_factory=SegmentationSpec)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 

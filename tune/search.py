@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import pandas as pd
 import ray
+import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -21,7 +22,8 @@ from ray.tune.search.optuna import OptunaSearch
 from tune import tracking
 from tune.config import Config, SearchConfig
 from tune.space import define_by_run, grid_pairs
-from tune.trainables import stage1, trial_context
+from tune.trainables import stage1, stage2, trial_context
+from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
 from wsss.pipeline import Prepared, digest, prepare
 from wsss.store import write_csv_atomic, write_json_atomic
@@ -83,10 +85,49 @@ def _trials_table(results: tune.ResultGrid) -> pd.DataFrame:
         if result.metrics is None or "bg" not in result.metrics:
             raise UserError(f"a stage-1 trial failed before its first epoch: {result.error}")
         rows.append({"trial_id": result.metrics["trial_id"],
-                     "mlflow_run_id": result.metrics["mlflow_run_id"], **{
+                     "mlflow_run_id": result.metrics["mlflow_run_id"],
+                     "checkpoint": result.checkpoint.path if result.checkpoint else None, **{
             k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k not in (
                 "timestamp", "pid", "time_since_restore", "iterations_since_restore")}})
     return pd.DataFrame(rows).sort_values(["bg", "fg"], ignore_index=True)
+
+
+def run_stage2(cfg: Config, candidates: pd.DataFrame, search_dir: Path, tracking_uri: str,
+               parent_run_id: str) -> pd.DataFrame:
+    """DeepLabv3+ on each promoted pair's pseudo-labels (whole train split); one row per
+    candidate with its last ``val_miou``. The full-split feature store is built once here."""
+    full = cfg.affinity.model_copy(update={"subset": None})
+    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
+                       affinity=full, imported=cfg.import_cams, device=cfg.runtime.device,
+                       progress=cfg.runtime.progress)
+    context = {**trial_context(cfg.data, full, prepared, cfg.search.objective,
+                               max(1, int(cfg.search.cpus_per_trial)), tracking_uri,
+                               parent_run_id),
+               "segmentation": cfg.segmentation.model_dump(mode="json"),
+               "device": cfg.runtime.device}
+    grid = [{"bg": r.bg, "fg": r.fg, "checkpoint": r.checkpoint}
+            for r in candidates.itertuples()]
+    trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
+                                    {"cpu": cfg.search.cpus_per_trial})
+    stage_dir = search_dir / "stage2"
+    if tune.Tuner.can_restore(str(stage_dir)):  # a resumed search: finished ones stay done
+        tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
+                                   restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space={"candidate": tune.grid_search(grid)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.max_concurrent,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(name="stage2", storage_path=str(search_dir), verbose=0))
+    rows = []
+    for result in tuner.fit():
+        if result.metrics is None or "bg" not in result.metrics:
+            raise UserError(f"a stage-2 trial failed: {result.error}")
+        rows.append({"bg": result.metrics["bg"], "fg": result.metrics["fg"],
+                     "val_miou": result.metrics.get("val_miou", float("nan")),
+                     "seg_loss": result.metrics["seg_loss"],
+                     "stage2_run_id": result.metrics["mlflow_run_id"]})
+    return candidates.merge(pd.DataFrame(rows), on=["bg", "fg"], how="left")
 
 
 def promote(table: pd.DataFrame, *, k: int, policy: str, epochs: int) -> pd.DataFrame:
@@ -110,6 +151,31 @@ def promote(table: pd.DataFrame, *, k: int, policy: str, epochs: int) -> pd.Data
     if len(ranked) < k:
         log.warning("only %d trials qualify for promotion (top_k=%d)", len(ranked), k)
     return ranked.head(k).reset_index(drop=True)
+
+
+def select(candidates: pd.DataFrame, *, pick: str, objective: str, policy: str) -> dict[str, Any]:
+    """The final pair with its evidence. ``objective`` (default) uses no ground truth; ``val_miou``
+    does, and the result says so. With val mIoU available, the regret of the pick against the
+    best candidate by val mIoU is reported too."""
+    key = "objective" if pick == "objective" else "val_miou"
+    if key not in candidates or candidates[key].isna().all():
+        raise UserError(f"cannot pick by {pick}: no candidate has it (was stage 2 run, and does "
+                        "the val split have ground truth?)")
+    ranked = candidates.sort_values([key, "bg", "fg"], ascending=[False, True, True],
+                                    na_position="last").reset_index(drop=True)
+    chosen = ranked.iloc[0]
+    out = {"pair": {"bg": float(chosen.bg), "fg": float(chosen.fg)}, "pick": pick,
+           "uses_ground_truth": pick == "val_miou", "objective": objective, "policy": policy,
+           "metrics": {k: (None if pd.isna(v) else v) for k, v in chosen.items()
+                       if isinstance(v, (int, float))},
+           "ranked": ranked.drop(columns=["checkpoint"], errors="ignore")
+           .astype(object).where(ranked.notna(), None).to_dict(orient="records")}
+    if "val_miou" in ranked and ranked["val_miou"].notna().any():
+        best = ranked.loc[ranked["val_miou"].idxmax()]
+        out["best_by_val_miou"] = {"bg": float(best.bg), "fg": float(best.fg),
+                                   "val_miou": float(best.val_miou)}
+        out["regret_val_miou"] = float(best.val_miou - chosen.val_miou)
+    return out
 
 
 def search_folder(cfg: Config) -> Path:
@@ -179,9 +245,25 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
                    "candidates": candidates[["bg", "fg", "objective", "trial_id",
                                              "mlflow_run_id"]].to_dict(orient="records")}
         write_json_atomic(folder / "candidates.json", summary)
-        tracking.log_artifacts(uri, parent, [folder / "stage1.csv", folder / "candidates.json"])
+        if search.stage2:
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                     ignore_reinit_error=True,
+                     **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
+            try:
+                candidates = run_stage2(cfg, candidates, folder, uri, parent)
+            finally:
+                ray.shutdown()
+                tracking.close_children(uri, parent)
+        selection = select(candidates, pick=search.pick, objective=search.objective,
+                           policy=search.policy)
+        write_json_atomic(folder / "selection.json", selection)
+        atomic_write_bytes(folder / "thresholds.yaml", yaml.safe_dump(
+            {**selection["pair"], "search": cfg.name, "pick": search.pick,
+             "objective": search.objective}, sort_keys=False).encode())
+        tracking.log_artifacts(uri, parent, [folder / n for n in (
+            "stage1.csv", "candidates.json", "selection.json", "thresholds.yaml")])
         status = "FINISHED"
     finally:
         tracking.finish(uri, parent, status)
-    return {"table": table, "candidates": candidates, "folder": folder, "tracking_uri": uri,
-            "parent_run_id": parent}
+    return {"table": table, "candidates": candidates, "selection": selection, "folder": folder,
+            "tracking_uri": uri, "parent_run_id": parent}

@@ -20,6 +20,7 @@ from tune import tracking
 from wsss.affinity import AffinitySpec
 from wsss.data import DataSpec
 from wsss.pipeline import AffinityTrial, Prepared, run_trial
+from wsss.segmentation import SegmentationSpec, build_model, train_segmentation
 
 CHECKPOINT_FILE = "trial.pt"
 
@@ -80,3 +81,37 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
             torch.save(trial.state_dict(), Path(folder) / CHECKPOINT_FILE)
             tune.report({**report, "mlflow_run_id": run_id},
                         checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
+    """One promoted pair: its stage-1 edge head makes pseudo-labels for the whole train split,
+    then DeepLabv3+ trains on them (255 ignored), reporting ``val_miou`` after every epoch."""
+    torch.set_num_threads(context["threads"])
+    prepared, spec = _open(json.dumps({k: context[k] for k in ("data", "affinity", "cams",
+                                                               "features")}, sort_keys=True))
+    candidate = config["candidate"]
+    bg, fg = float(candidate["bg"]), float(candidate["fg"])
+    uri = context["tracking_uri"]
+    run_id = tracking.start_child(uri, context["parent_run_id"], 2,
+                                  tune.get_context().get_trial_id(), bg, fg)
+    trial = AffinityTrial(prepared, spec, bg, fg)
+    trial.load_state_dict(torch.load(Path(candidate["checkpoint"]) / CHECKPOINT_FILE,
+                                     weights_only=False))
+    labels = dict(trial.pseudo_labels())
+    data = DataSpec.model_validate(context["data"])
+    val = data.open("val") if data.has_split("val") else None
+    seg = SegmentationSpec.model_validate(context["segmentation"])
+    model = build_model(seg, prepared.train.num_classes)
+    ids = prepared.train.ids
+    logged = tracking.logged_steps(uri, run_id, "seg_loss")
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch not in logged:
+            tracking.log_epoch(uri, run_id, metrics, epoch)
+        if epoch == seg.epochs:
+            tracking.finish(uri, run_id)
+        tune.report({**metrics, "bg": bg, "fg": fg, "mlflow_run_id": run_id})
+
+    train_segmentation(model, prepared.train, lambda i: labels[ids[i]], seg,
+                       context["device"], val=val, on_epoch=on_epoch)
+
