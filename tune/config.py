@@ -30,17 +30,22 @@ class Section(Spec):
     """A config section that belongs to the search system rather than to a pipeline stage."""
 
 
+def _check_pairs(space: str, pairs: list[tuple[float, float]] | None, section: str) -> None:
+    """An explicit ``pairs`` space needs valid pairs; errors name ``<section>.pairs[i].bg``."""
+    if space == "pairs":
+        if not pairs:
+            raise ValueError("space 'pairs' needs a non-empty 'pairs' list")
+        for i, (bg, fg) in enumerate(pairs):
+            check_pair(bg, fg, where=f"{section}.pairs[{i}]")
+
+
 class SurfaceConfig(Section):
     space: Literal["paper", "extended", "pairs"] = "paper"
     pairs: list[tuple[float, float]] | None = None
 
     @model_validator(mode="after")
     def _pairs_given(self) -> SurfaceConfig:
-        if self.space == "pairs":
-            if not self.pairs:
-                raise ValueError("space 'pairs' needs a non-empty 'pairs' list")
-            for i, (bg, fg) in enumerate(self.pairs):
-                check_pair(bg, fg, where=f"surface.pairs[{i}]")
+        _check_pairs(self.space, self.pairs, "surface")
         return self
 
 
@@ -69,11 +74,7 @@ class SearchConfig(Section):
     @model_validator(mode="after")
     def _valid(self) -> SearchConfig:
         check_objective(self.objective)
-        if self.space == "pairs":
-            if not self.pairs:
-                raise ValueError("space 'pairs' needs a non-empty 'pairs' list")
-            for i, (bg, fg) in enumerate(self.pairs):
-                check_pair(bg, fg, where=f"search.pairs[{i}]")
+        _check_pairs(self.space, self.pairs, "search")
         return self
 
 
