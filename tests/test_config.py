@@ -41,6 +41,11 @@ def test_overrides_parse_yaml_values(tmp_path):
     ("surfac.space=paper", r"surfac: unknown key"),
     ("surface.space=pairs", r"surface: .*non-empty 'pairs'"),
     ("classifier.scale_range=[1.5, 0.5]", r"classifier\.scale_range"),
+    ("search.objective=pqs", r"search\.objective 'pqs' is not registered"),
+    ("search.space=pairs", r"search: .*non-empty 'pairs'"),
+    ("search.pick=best", r"search\.pick"),
+    ("affinity.steps=-1", r"affinity\.steps"),
+    ("segmentation.encoder_output_stride=4", r"segmentation\.encoder_output_stride"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(UserError, match=message):
