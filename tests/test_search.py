@@ -111,6 +111,16 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
     assert selection["regret_val_miou"] >= 0
     assert {"stage1.csv", "candidates.json", "selection.json", "thresholds.yaml"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
+    # re-select without retraining: by val mIoU (uses GT), then another promotion policy
+    from tune.cli import main
+
+    assert main(["select", str(runs / "ci"), "--pick", "val_miou"]) == 0
+    again = json.loads((runs / "ci" / "selection.json").read_text())
+    assert again["uses_ground_truth"] is True and again["pick"] == "val_miou"
+    assert again["pair"]["bg"] == selection["best_by_val_miou"]["bg"]
+    assert again["pair"]["fg"] == selection["best_by_val_miou"]["fg"]
+    assert main(["select", str(runs / "ci"), "--policy", "per_bg"]) == 0
+    assert json.loads((runs / "ci" / "selection.json").read_text())["policy"] == "per_bg"
 
 
 @pytest.mark.slow
@@ -180,3 +190,26 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ci_config, ci_p
             assert child.info.run_id in before
             assert child.info.end_time == before[child.info.run_id].info.end_time
     assert len(json.loads((folder / "candidates.json").read_text())["candidates"]) >= 1
+
+
+def test_reselect_says_which_candidates_never_reached_stage_two(tmp_path, capsys):
+    from tune.cli import main
+    from tune.search import reselect
+
+    cfg = load_config("ci", ["search.top_k=2", "affinity.epochs=3"], base_dir=tmp_path)
+    folder = tmp_path / "runs" / "ci"
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
+    stage1 = table([(0.1, 0.3, 0.9, 0, 3), (0.1, 0.4, 0.8, 0, 3), (0.2, 0.4, 0.7, 0, 3)])
+    stage1.to_csv(folder / "stage1.csv", index=False)
+    pd.DataFrame({"bg": [0.1, 0.1], "fg": [0.3, 0.4], "val_miou": [0.5, 0.6],
+                  "seg_loss": [0.2, 0.2]}).to_csv(folder / "stage2.csv", index=False)
+    selection, missing = reselect(folder, pick="val_miou")
+    assert (selection["pair"]["bg"], selection["pair"]["fg"]) == (0.1, 0.4) and missing == []
+    assert selection["regret_val_miou"] == 0
+    selection, missing = reselect(folder, policy="per_bg", pick="objective")
+    assert missing == [(0.2, 0.4)]  # per_bg promotes (0.2, 0.4), which stage 2 never trained
+    assert (selection["pair"]["bg"], selection["pair"]["fg"]) == (0.1, 0.3)
+    assert main(["select", str(folder), "--policy", "per_bg"]) == 0
+    assert "never reached stage 2 (no val mIoU): (0.2, 0.4)" in capsys.readouterr().out
+    assert main(["select", str(tmp_path / "nowhere")]) == 2

@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store "
                                           "<runs_root>/mlflow.db)")
 
+    p = sub.add_parser("select", help="select again from a finished search (another promotion "
+                                      "policy or pick rule) without training anything")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--policy", choices=["global", "per_bg"])
+    p.add_argument("--pick", choices=["objective", "val_miou"])
+
     p = sub.add_parser("import-cams", help="import IRN / PuzzleCAM CAM .npy files into a CAM "
                                            "store that the later stages read")
     p.add_argument("--format", required=True, choices=["irn", "puzzlecam"])
@@ -241,6 +247,19 @@ def cmd_search(args: argparse.Namespace) -> None:
           f"(parent run {out['parent_run_id']})")
 
 
+def cmd_select(args: argparse.Namespace) -> None:
+    from tune.search import reselect
+
+    selection, missing = reselect(args.run_dir, policy=args.policy, pick=args.pick)
+    if missing:
+        print("never reached stage 2 (no val mIoU): "
+              + ", ".join(f"({bg:g}, {fg:g})" for bg, fg in missing))
+    pair = selection["pair"]
+    note = "uses ground truth" if selection["uses_ground_truth"] else "no ground truth used"
+    print(f"selected (BG, FG) = ({pair['bg']:g}, {pair['fg']:g}) by {selection['pick']} "
+          f"({note}), policy {selection['policy']}; written to {args.run_dir}/selection.json")
+
+
 def _dataset(args: argparse.Namespace) -> SegDataset:
     from wsss.data import SegDataset
 
@@ -279,7 +298,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface, "trial": cmd_trial,
-            "search": cmd_search,
+            "search": cmd_search, "select": cmd_select,
             "import-cams": cmd_import_cams, "evaluate": cmd_evaluate}
 
 

@@ -178,6 +178,36 @@ def select(candidates: pd.DataFrame, *, pick: str, objective: str, policy: str) 
     return out
 
 
+def write_selection(cfg: Config, folder: Path, candidates: pd.DataFrame, pick: str,
+                    policy: str) -> dict[str, Any]:
+    """``selection.json`` (the pair and its evidence) and ``thresholds.yaml``, atomically."""
+    selection = select(candidates, pick=pick, objective=cfg.search.objective, policy=policy)
+    write_json_atomic(folder / "selection.json", selection)
+    atomic_write_bytes(folder / "thresholds.yaml", yaml.safe_dump(
+        {**selection["pair"], "search": cfg.name, "pick": pick, "policy": policy,
+         "objective": cfg.search.objective}, sort_keys=False).encode())
+    return selection
+
+
+def reselect(folder: Path, *, policy: str | None = None,
+             pick: str | None = None) -> tuple[dict[str, Any], list[tuple[float, float]]]:
+    """Select again from a finished search's tables, without training anything. Returns the
+    selection and the candidates of this policy that never reached stage 2."""
+    state = load_state(folder)
+    cfg = Config.model_validate(state["config"])
+    policy, pick = policy or cfg.search.policy, pick or cfg.search.pick
+    if not (folder / "stage1.csv").is_file():
+        raise UserError(f"{folder} has no stage1.csv: its stage 1 did not finish (resume it)")
+    table = pd.read_csv(folder / "stage1.csv")
+    candidates = promote(table, k=cfg.search.top_k, policy=policy, epochs=cfg.affinity.epochs)
+    missing = list(zip(candidates.bg, candidates.fg))
+    if (folder / "stage2.csv").is_file():
+        stage2 = pd.read_csv(folder / "stage2.csv")[["bg", "fg", "val_miou", "seg_loss"]]
+        candidates = candidates.merge(stage2, on=["bg", "fg"], how="left")
+        missing = [(r.bg, r.fg) for r in candidates.itertuples() if pd.isna(r.val_miou)]
+    return write_selection(cfg, folder, candidates, pick, policy), missing
+
+
 def search_folder(cfg: Config) -> Path:
     return cfg.runtime.runs_root / cfg.name
 
@@ -254,14 +284,10 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
             finally:
                 ray.shutdown()
                 tracking.close_children(uri, parent)
-        selection = select(candidates, pick=search.pick, objective=search.objective,
-                           policy=search.policy)
-        write_json_atomic(folder / "selection.json", selection)
-        atomic_write_bytes(folder / "thresholds.yaml", yaml.safe_dump(
-            {**selection["pair"], "search": cfg.name, "pick": search.pick,
-             "objective": search.objective}, sort_keys=False).encode())
+            write_csv_atomic(candidates.drop(columns=["checkpoint"]), folder / "stage2.csv")
+        selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
         tracking.log_artifacts(uri, parent, [folder / n for n in (
-            "stage1.csv", "candidates.json", "selection.json", "thresholds.yaml")])
+            "stage1.csv", "candidates.json", "stage2.csv", "selection.json", "thresholds.yaml")])
         status = "FINISHED"
     finally:
         tracking.finish(uri, parent, status)
