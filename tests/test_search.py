@@ -121,6 +121,12 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
     assert again["pair"]["fg"] == selection["best_by_val_miou"]["fg"]
     assert main(["select", str(runs / "ci"), "--policy", "per_bg"]) == 0
     assert json.loads((runs / "ci" / "selection.json").read_text())["policy"] == "per_bg"
+    # pseudo-labels of the whole train split for the selected pair, and a pair never searched
+    labels = runs / "labels"
+    assert main(["export-labels", str(runs / "ci"), "--out", str(labels)]) == 0
+    assert len(list(labels.glob("*.png"))) == len(ci_prepared.train)
+    assert main(["export-labels", str(runs / "ci"), "--out", str(labels), "--pair",
+                 "0.5,0.9"]) == 2
 
 
 @pytest.mark.slow

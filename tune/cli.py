@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["global", "per_bg"])
     p.add_argument("--pick", choices=["objective", "val_miou"])
 
+    p = sub.add_parser("export-labels", help="pseudo-labels of the whole train split for a "
+                                             "searched pair (default: the selected one)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--pair", type=_pair, metavar="BG,FG")
+
     p = sub.add_parser("import-cams", help="import IRN / PuzzleCAM CAM .npy files into a CAM "
                                            "store that the later stages read")
     p.add_argument("--format", required=True, choices=["irn", "puzzlecam"])
@@ -95,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
                         "irn: 255 counts as background, classes never seen are left out")
     p.add_argument("--json", action="store_true", help="print the fractions as JSON")
     return parser
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        bg, fg = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BG,FG such as 0.25,0.5, got {text!r}")
+    return bg, fg
 
 
 def _dataset_args(p: argparse.ArgumentParser, split_default: str | None) -> None:
@@ -260,6 +274,13 @@ def cmd_select(args: argparse.Namespace) -> None:
           f"({note}), policy {selection['policy']}; written to {args.run_dir}/selection.json")
 
 
+def cmd_export_labels(args: argparse.Namespace) -> None:
+    from tune.search import export_run_labels
+
+    n, bg, fg = export_run_labels(args.run_dir, args.out, args.pair)
+    print(f"wrote {n} pseudo-label PNGs of (BG, FG) = ({bg:g}, {fg:g}) to {args.out}")
+
+
 def _dataset(args: argparse.Namespace) -> SegDataset:
     from wsss.data import SegDataset
 
@@ -298,7 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface, "trial": cmd_trial,
-            "search": cmd_search, "select": cmd_select,
+            "search": cmd_search, "select": cmd_select, "export-labels": cmd_export_labels,
             "import-cams": cmd_import_cams, "evaluate": cmd_evaluate}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import pandas as pd
 import ray
+import torch
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -22,10 +23,11 @@ from ray.tune.search.optuna import OptunaSearch
 from tune import tracking
 from tune.config import Config, SearchConfig
 from tune.space import define_by_run, grid_pairs
-from tune.trainables import stage1, stage2, trial_context
+from tune.trainables import CHECKPOINT_FILE, stage1, stage2, trial_context
 from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
-from wsss.pipeline import Prepared, digest, prepare
+from wsss.pipeline import AffinityTrial, Prepared, digest, prepare
+from wsss.pseudo_labels import export_labels
 from wsss.store import write_csv_atomic, write_json_atomic
 
 log = logging.getLogger("tune")
@@ -206,6 +208,33 @@ def reselect(folder: Path, *, policy: str | None = None,
         candidates = candidates.merge(stage2, on=["bg", "fg"], how="left")
         missing = [(r.bg, r.fg) for r in candidates.itertuples() if pd.isna(r.val_miou)]
     return write_selection(cfg, folder, candidates, pick, policy), missing
+
+
+def export_run_labels(folder: Path, out: Path,
+                      pair: tuple[float, float] | None = None) -> tuple[int, float, float]:
+    """Pseudo-labels of the whole train split for a searched pair (default: the selected one),
+    made by that pair's stage-1 edge head; returns (count, bg, fg)."""
+    state = load_state(folder)
+    cfg = Config.model_validate(state["config"])
+    if pair is None:
+        if not (folder / "selection.json").is_file():
+            raise UserError(f"{folder} has no selection.json yet: give --pair BG,FG")
+        chosen = json.loads((folder / "selection.json").read_text())["pair"]
+        pair = (chosen["bg"], chosen["fg"])
+    table = pd.read_csv(folder / "stage1.csv")
+    match = table[((table.bg - pair[0]).abs() < 1e-9) & ((table.fg - pair[1]).abs() < 1e-9)]
+    if match.empty or pd.isna(match.iloc[0].checkpoint):
+        searched = ", ".join(f"{r.bg:g},{r.fg:g}" for r in table.itertuples())
+        raise UserError(f"pair {pair[0]:g},{pair[1]:g} has no stage-1 trial in {folder}; "
+                        f"searched pairs: {searched}")
+    full = cfg.affinity.model_copy(update={"subset": None})
+    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
+                       affinity=full, imported=cfg.import_cams, device=cfg.runtime.device,
+                       progress=cfg.runtime.progress)
+    trial = AffinityTrial(prepared, full, pair[0], pair[1])
+    trial.load_state_dict(torch.load(Path(match.iloc[0].checkpoint) / CHECKPOINT_FILE,
+                                     weights_only=False))
+    return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
 
 
 def search_folder(cfg: Config) -> Path:
