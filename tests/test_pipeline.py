@@ -69,3 +69,13 @@ def test_second_prepare_reuses_everything(ci_config, ci_prepared):
     assert other.cams.path != ci_prepared.cams.path
     assert other.classifier_path == ci_prepared.classifier_path
     assert os.stat(other.classifier_path).st_mtime_ns == before[ci_prepared.classifier_path]
+
+
+def test_classifier_training_is_reproducible(ci_config, ci_prepared, tmp_path):
+    """The same config trains the same classifier (initial weights included), so stage 0 and
+    every number derived from it can be reproduced from a fresh cache."""
+    c = ci_config
+    again = prepare(c.data, c.classifier, c.cam, tmp_path / "stores", device=c.runtime.device,
+                    progress=False)
+    assert again.stats["classifier_map"] == ci_prepared.stats["classifier_map"]
+    np.testing.assert_array_equal(np.asarray(again.cams[0]), np.asarray(ci_prepared.cams[0]))

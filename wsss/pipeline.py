@@ -86,6 +86,7 @@ def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None,
         log.info("classifier: cached at %s", folder)
         return path, json.loads(stats_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)  # the initial weights too: the same config trains the same model
     model = CamClassifier(spec.backbone(), train.num_classes - 1)
     start = time.perf_counter()
     with tqdm(total=spec.epochs, desc="classifier", unit="epoch", disable=not progress) as bar:
