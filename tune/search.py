@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from tune import tracking
 from tune.config import Config, SearchConfig
 from tune.space import define_by_run, grid_pairs
 from tune.trainables import CHECKPOINT_FILE, stage1, stage2, trial_context
+from wsss.affinity import AffinitySpec
 from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
 from wsss.pipeline import AffinityTrial, Prepared, digest, prepare
@@ -99,9 +102,7 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, search_dir: Path, tracking
     """DeepLabv3+ on each promoted pair's pseudo-labels (whole train split); one row per
     candidate with its last ``val_miou``. The full-split feature store is built once here."""
     full = cfg.affinity.model_copy(update={"subset": None})
-    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                       affinity=full, imported=cfg.import_cams, device=cfg.runtime.device,
-                       progress=cfg.runtime.progress)
+    prepared = stage0(cfg, full)
     context = {**trial_context(cfg.data, full, prepared, cfg.search.objective,
                                max(1, int(cfg.search.cpus_per_trial)), tracking_uri,
                                parent_run_id),
@@ -228,9 +229,7 @@ def export_run_labels(folder: Path, out: Path,
         raise UserError(f"pair {pair[0]:g},{pair[1]:g} has no stage-1 trial in {folder}; "
                         f"searched pairs: {searched}")
     full = cfg.affinity.model_copy(update={"subset": None})
-    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                       affinity=full, imported=cfg.import_cams, device=cfg.runtime.device,
-                       progress=cfg.runtime.progress)
+    prepared = stage0(cfg, full)
     trial = AffinityTrial(prepared, full, pair[0], pair[1])
     trial.load_state_dict(torch.load(Path(match.iloc[0].checkpoint) / CHECKPOINT_FILE,
                                      weights_only=False))
@@ -269,6 +268,27 @@ def load_state(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def stage0(cfg: Config, affinity: AffinitySpec) -> Prepared:
+    """`prepare` with the search's settings (cached: a second search trains nothing)."""
+    return prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
+                   affinity=affinity, imported=cfg.import_cams, device=cfg.runtime.device,
+                   progress=cfg.runtime.progress)
+
+
+@contextmanager
+def _ray(address: str | None, uri: str, parent: str) -> Iterator[None]:
+    """One stage's Ray session (a local cluster unless ``address``); afterwards every child run
+    a stopped trial left RUNNING is closed."""
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+             ignore_reinit_error=True,
+             **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        tracking.close_children(uri, parent)
+
+
 def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | None = None,
                resume: bool = False) -> dict[str, Any]:
     """Stage 0 and stage 1, then promotion to ``candidates.json`` in the search folder; an
@@ -284,17 +304,9 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     status = "FAILED"
     try:
-        prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                           affinity=cfg.affinity, imported=cfg.import_cams,
-                           device=cfg.runtime.device, progress=cfg.runtime.progress)
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True,
-                 **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
-        try:
+        prepared = stage0(cfg, cfg.affinity)
+        with _ray(address, uri, parent):
             table = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
-        finally:
-            ray.shutdown()
-            tracking.close_children(uri, parent)
         write_csv_atomic(table, folder / "stage1.csv")
         search = cfg.search
         candidates = promote(table, k=search.top_k, policy=search.policy,
@@ -305,14 +317,8 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
                                              "mlflow_run_id"]].to_dict(orient="records")}
         write_json_atomic(folder / "candidates.json", summary)
         if search.stage2:
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True,
-                     **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
-            try:
+            with _ray(address, uri, parent):
                 candidates = run_stage2(cfg, candidates, folder, uri, parent)
-            finally:
-                ray.shutdown()
-                tracking.close_children(uri, parent)
             write_csv_atomic(candidates.drop(columns=["checkpoint"]), folder / "stage2.csv")
         selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
         tracking.log_artifacts(uri, parent, [folder / n for n in (

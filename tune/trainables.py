@@ -34,8 +34,14 @@ def trial_context(data: DataSpec, affinity: AffinitySpec, prepared: Prepared, ob
             "parent_run_id": parent_run_id}
 
 
+def _open(context: dict[str, Any]) -> tuple[Prepared, AffinitySpec]:
+    """The trial inputs named by ``context`` (only its store keys matter for the cache)."""
+    return _open_cached(json.dumps({k: context[k] for k in ("data", "affinity", "cams",
+                                                           "features")}, sort_keys=True))
+
+
 @functools.lru_cache(maxsize=2)
-def _open(context_json: str) -> tuple[Prepared, AffinitySpec]:
+def _open_cached(context_json: str) -> tuple[Prepared, AffinitySpec]:
     """Per worker process (actors are reused): open the stores once, not once per trial."""
     ctx = json.loads(context_json)
     data = DataSpec.model_validate(ctx["data"])
@@ -57,7 +63,7 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     objective that drives the search, except for a degenerate pair (no neutral pixel), which
     reports 0 so that neither ASHA nor the sampler favours it; its honest ``tecm`` is logged."""
     torch.set_num_threads(context["threads"])
-    prepared, spec = _open(json.dumps(context, sort_keys=True))
+    prepared, spec = _open(context)
     bg, fg = pair_of(config)
     uri = context["tracking_uri"]
     trial = AffinityTrial(prepared, spec, bg, fg)
@@ -87,8 +93,7 @@ def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One promoted pair: its stage-1 edge head makes pseudo-labels for the whole train split,
     then DeepLabv3+ trains on them (255 ignored), reporting ``val_miou`` after every epoch."""
     torch.set_num_threads(context["threads"])
-    prepared, spec = _open(json.dumps({k: context[k] for k in ("data", "affinity", "cams",
-                                                               "features")}, sort_keys=True))
+    prepared, spec = _open(context)
     candidate = config["candidate"]
     bg, fg = float(candidate["bg"]), float(candidate["fg"])
     uri = context["tracking_uri"]

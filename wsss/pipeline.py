@@ -268,7 +268,8 @@ class AffinityTrial:
         self.device = resolve_device(device) if isinstance(device, str) else device
         feats = prepared.features
         self.index = [prepared.cams.position(i) for i in feats.ids]  # trial image -> CAM store
-        self.train_index = [prepared.train.ids.index(i) for i in feats.ids]
+        position = {image_id: i for i, image_id in enumerate(prepared.train.ids)}
+        self.train_index = [position[i] for i in feats.ids]  # O(n), not ids.index per image
         torch.manual_seed(spec.seed)
         channels = feats.manifest["channels"]
         self.head = EdgeHead(channels, spec.hidden).to(self.device)
