@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/wsss-tune surface --config configs/demo.yaml
+	$(BIN)/wsss-tune demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -44,7 +44,7 @@ def test_training_on_ground_truth_beats_untrained_and_all_background(splits):
     background = mean_iou(conf)
     seen: list[tuple[int, dict]] = []
     last = train_segmentation(model, train, masks, spec, CPU, val=val,
-                              on_epoch=lambda e, m: seen.append((e, m)))
+                              on_epoch=lambda e, m, _: seen.append((e, m)))
     assert [e for e, _ in seen] == list(range(1, 13)) and seen[-1][1] == last
     assert set(last) == {"seg_loss", "val_miou"}
     assert seen[-1][1]["seg_loss"] < seen[0][1]["seg_loss"]
@@ -65,6 +65,29 @@ def test_same_seed_same_run_with_flips_and_crops(splits):
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     other = build_model(spec.model_copy(update={"seed": 4}), train.num_classes).state_dict()
     assert not all(torch.equal(s1[k], other[k]) for k in s1 if k.endswith("weight"))
+
+
+def test_resumed_training_equals_an_uninterrupted_run(splits):
+    """Stage 2 checkpoints after every epoch: a search killed mid-training resumes there."""
+    import copy
+
+    train, _, masks = splits
+    spec = SegmentationSpec(epochs=3, crop_size=48, hflip=True, seed=5)
+    states = {}
+
+    def keep(epoch, metrics, state):
+        states[epoch] = (metrics, copy.deepcopy(state))
+
+    straight = build_model(spec, train.num_classes)
+    train_segmentation(straight, train, masks, spec, CPU, on_epoch=keep)
+    torch.manual_seed(123)  # the process's random state differs after a restart
+    resumed = build_model(spec, train.num_classes)
+    seen = []
+    last = train_segmentation(resumed, train, masks, spec, CPU, resume=states[1][1],
+                              on_epoch=lambda e, m, _: seen.append(e))
+    assert seen == [2, 3] and last == states[3][0]
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_loss_ignores_255_pixels():

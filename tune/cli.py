@@ -11,13 +11,15 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import pandas as pd
 
+from tune.space import Space
 from wsss.errors import UserError
 
 if TYPE_CHECKING:
+    from tune.config import Config
     from wsss.data import SegDataset
 
 
@@ -55,17 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--export-labels", type=Path, metavar="DIR",
                    help="write the trial images' pseudo-labels as VOC palette PNGs")
 
-    p = sub.add_parser("search", help="stage 0 + stage 1: TECM trials over (BG, FG) under Ray "
-                                      "Tune, then promotion of the top-k to candidates.json")
+    p = sub.add_parser("search", help="the two-stage search: TECM trials over (BG, FG) under "
+                                      "Ray Tune, DeepLabv3+ on the top-k, selection")
     p.add_argument("--config", help="YAML file, or the name of a packaged config")
+    p.add_argument("--data", type=Path, metavar="ROOT",
+                   help="your VOC-layout dataset (sets data.root, drops data.synthetic)")
+    p.add_argument("--space", choices=list(get_args(Space)),
+                   help="search space (sets search.space)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue a killed search from its folder (its saved config is used)")
-    p.add_argument("--address", help="a running Ray cluster (auto or HOST:PORT); default: a "
-                                     "local Ray started for this search")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store "
-                                          "<runs_root>/mlflow.db)")
+    _cluster_args(p)
+
+    p = sub.add_parser("demo", help="the whole two-stage search on synthetic data (packaged "
+                                    "config 'demo'), ending with the selected pair and its "
+                                    "evidence")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a demo config value (repeatable)")
+    _cluster_args(p)
 
     p = sub.add_parser("select", help="select again from a finished search (another promotion "
                                       "policy or pick rule) without training anything")
@@ -101,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
                         "irn: 255 counts as background, classes never seen are left out")
     p.add_argument("--json", action="store_true", help="print the fractions as JSON")
     return parser
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="a running Ray cluster (auto or HOST:PORT; default: "
+                                     "$RAY_ADDRESS, else a local Ray started for this search)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite store "
+                                          "<runs_root>/mlflow.db)")
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -218,13 +235,15 @@ def cmd_trial(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from tune.config import load_config
-    from tune.search import run_search
+    from tune.config import Config, load_config
+    from tune.search import load_state, run_search
 
     if args.resume is not None:
-        from tune.config import Config
-        from tune.search import load_state
-
+        given = [f for f, v in (("--config", args.config), ("--data", args.data),
+                                ("--space", args.space), ("--set", args.overrides)) if v]
+        if given:
+            raise UserError(f"--resume continues a search with its saved config: drop "
+                            f"{', '.join(given)}")
         cfg = Config.model_validate(load_state(args.resume)["config"])
         if (cfg.runtime.runs_root / cfg.name).resolve() != args.resume.resolve():
             raise UserError(f"{args.resume} was moved: its search was recorded at "
@@ -232,7 +251,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     elif args.config is None:
         raise UserError("search needs --config (a new search) or --resume RUN_DIR")
     else:
-        cfg = load_config(args.config, args.overrides)
+        shortcuts = ([f"data.root={args.data}", "data.synthetic=null"] if args.data else []) + (
+            [f"search.space={args.space}"] if args.space else [])
+        cfg = load_config(args.config, [*shortcuts, *args.overrides])
     start = time.perf_counter()
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri,
                      resume=args.resume is not None)
@@ -240,25 +261,71 @@ def cmd_search(args: argparse.Namespace) -> None:
     columns = [c for c in ("bg", "fg", "training_iteration", "objective", "tecm", "tecm_pooled",
                            "npr_initial", "npr_pseudo", "pqs_initial", "pqs_pseudo")
                if c in table]
-    print(f"\nstage 1: {len(table)} trials, objective {cfg.search.objective} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(f"\nstage 1: {len(table)} trials, objective {cfg.search.objective}")
     print(table[columns].rename(columns={"training_iteration": "epochs"})
           .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    cands = out["candidates"]
-    shown = [c for c in ("bg", "fg", "objective", "pqs_avg", "val_miou") if c in cands]
-    print(f"\npromoted ({cfg.search.policy}, top {cfg.search.top_k}):")
-    print(cands[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    sel = out["selection"]
-    note = " (uses ground truth)" if sel["uses_ground_truth"] else " (no ground truth used)"
-    print(f"\nselected (BG, FG) = ({sel['pair']['bg']:g}, {sel['pair']['fg']:g}) by "
-          f"{sel['pick']}{note}")
-    if "best_by_val_miou" in sel:
-        best = sel["best_by_val_miou"]
+    print_result(cfg, out, time.perf_counter() - start)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tune.config import load_config
+    from tune.search import run_search
+
+    overrides = list(args.overrides)
+    if not any(o.startswith("name=") for o in overrides):  # every demo is its own search
+        overrides.insert(0, f"name=demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = load_config("demo", overrides)
+    search = cfg.search
+    print(f"wsss-tune demo '{cfg.name}': synthetic data -> classifier + CAMs (stage 0, cached "
+          f"after the first run) -> TECM trials over (BG, FG) on Ray Tune (stage 1, "
+          f"{search.space} space) -> DeepLabv3+ on the top {search.top_k} (stage 2) -> "
+          f"selection", flush=True)
+    start = time.perf_counter()
+    out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri)
+    print_result(cfg, out, time.perf_counter() - start)
+
+
+def print_result(cfg: Config, out: dict, seconds: float) -> None:
+    """The short table of a finished search: each candidate's pair, objective, PQS and val
+    mIoU, the pick against the best pair by val mIoU (the regret), and where to look next."""
+    cands, sel = out["candidates"], out["selection"]
+    name = cfg.search.objective
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None or value != value else f"{value:.2%}"
+
+    pick = (sel["pair"]["bg"], sel["pair"]["fg"])
+    best = sel.get("best_by_val_miou")
+    rows = []
+    for r in cands.itertuples():
+        marks = ["<- pick" if (r.bg, r.fg) == pick else "",
+                 "<- best val mIoU" if best and (r.bg, r.fg) == (best["bg"], best["fg"]) else ""]
+        rows.append({"BG": f"{r.bg:.2f}", "FG": f"{r.fg:.2f}", name.upper(): f"{r.objective:.4f}",
+                     "PQS": pct(getattr(r, "pqs_avg", None)),
+                     "val mIoU": pct(getattr(r, "val_miou", None)),
+                     "": " ".join(m for m in marks if m)})
+    print(f"\ncandidates ({cfg.search.policy} top {cfg.search.top_k} by {name}):")
+    print(pd.DataFrame(rows).to_string(index=False))
+    note = "uses ground truth" if sel["uses_ground_truth"] else "no ground truth used"
+    val = sel["metrics"].get("val_miou")
+    print(f"\nselected (BG, FG) = ({pick[0]:g}, {pick[1]:g}) by {sel['pick']} ({note})"
+          + (f": val mIoU {pct(val)}" if val is not None else ""))
+    if best:
         print(f"best candidate by val mIoU: ({best['bg']:g}, {best['fg']:g}) "
-              f"{best['val_miou']:.2%}; regret of the pick {sel['regret_val_miou']:.2%}")
-    print(f"search folder: {out['folder']}")
-    print(f"MLflow: mlflow ui --backend-store-uri {out['tracking_uri']}  "
-          f"(parent run {out['parent_run_id']})")
+              f"{pct(best['val_miou'])}; regret of the pick {100 * sel['regret_val_miou']:.2f} "
+              f"points")
+    print("PQS: mean of the initial regions' and the pseudo-labels' PQS on the trial images; "
+          "PQS and val mIoU use ground truth (validation only, never the objective)")
+    folder, uri = out["folder"], out["tracking_uri"]
+    print(f"\nsearch folder: {folder}  (selection.json, thresholds.yaml, stage1.csv, "
+          f"stage2.csv)")
+    if uri.startswith("sqlite:"):
+        mlflow = Path(sys.executable).with_name("mlflow")
+        print(f"MLflow:        {mlflow} ui --backend-store-uri {uri}  -> http://127.0.0.1:5000 "
+              f"(parent run {out['parent_run_id']})")
+    else:
+        print(f"MLflow:        {uri}  (parent run {out['parent_run_id']})")
+    print(f"whole search:  {seconds // 60:.0f} min {seconds % 60:.0f} s")
 
 
 def cmd_select(args: argparse.Namespace) -> None:
@@ -319,8 +386,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface, "trial": cmd_trial,
-            "search": cmd_search, "select": cmd_select, "export-labels": cmd_export_labels,
-            "import-cams": cmd_import_cams, "evaluate": cmd_evaluate}
+            "search": cmd_search, "demo": cmd_demo, "select": cmd_select,
+            "export-labels": cmd_export_labels, "import-cams": cmd_import_cams,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,10 @@ class SearchConfig(Section):
     reduction_factor: float = Field(2.0, gt=1)
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="stage 1: a fraction shares a GPU "
+                                                         "(0.25: four trials on one GPU)")
+    stage2_gpus_per_trial: float | None = Field(
+        None, ge=0, description="stage 2 (DeepLabv3+); None: 1 where the cluster has GPUs")
     top_k: int = Field(3, ge=1)
     policy: Literal["global", "per_bg"] = "global"
     stage2: bool = Field(True, description="train DeepLabv3+ on the promoted pairs")

@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune import tracking
 from tune.config import Config, SearchConfig
+from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.space import define_by_run, grid_pairs
 from tune.trainables import CHECKPOINT_FILE, stage1, stage2, trial_context
 from wsss.affinity import AffinitySpec
@@ -63,14 +64,21 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
                                   grace_period=min(search.grace_period, cfg.affinity.epochs),
                                   reduction_factor=search.reduction_factor)
     context = trial_context(cfg.data, cfg.affinity, prepared, search.objective, threads,
-                            tracking_uri, parent_run_id)
+                            tracking_uri, parent_run_id, cfg.runtime.device)
     trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
-                                    {"cpu": search.cpus_per_trial})
+                                    {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
     stage_dir = search_dir / "stage1"
     if resume and tune.Tuner.can_restore(str(stage_dir)):
         tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
                                    restart_errored=True)
         return _trials_table(tuner.fit())
+    total = len(param_space["pair"]["grid_search"]) if param_space else num_samples
+    if cfg.runtime.progress:
+        say(f"stage 1: {total} trials ({search.space} space), objective {search.objective}, "
+             f"{'ASHA' if scheduler else 'no early stopping'}, up to {search.max_concurrent} "
+             f"at a time")
+    callbacks = ([Stage1Progress(total, cfg.affinity.epochs, search.objective)]
+                 if cfg.runtime.progress else [])
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
@@ -79,7 +87,7 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
                                     reuse_actors=True),
         run_config=tune.RunConfig(name="stage1", storage_path=str(search_dir),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  verbose=0))
+                                  callbacks=callbacks, verbose=0))
     return _trials_table(tuner.fit())
 
 
@@ -97,31 +105,39 @@ def _trials_table(results: tune.ResultGrid) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["bg", "fg"], ignore_index=True)
 
 
-def run_stage2(cfg: Config, candidates: pd.DataFrame, search_dir: Path, tracking_uri: str,
-               parent_run_id: str) -> pd.DataFrame:
+def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search_dir: Path,
+               tracking_uri: str, parent_run_id: str) -> pd.DataFrame:
     """DeepLabv3+ on each promoted pair's pseudo-labels (whole train split); one row per
-    candidate with its last ``val_miou``. The full-split feature store is built once here."""
-    full = cfg.affinity.model_copy(update={"subset": None})
-    prepared = stage0(cfg, full)
-    context = {**trial_context(cfg.data, full, prepared, cfg.search.objective,
-                               max(1, int(cfg.search.cpus_per_trial)), tracking_uri,
-                               parent_run_id),
-               "segmentation": cfg.segmentation.model_dump(mode="json"),
-               "device": cfg.runtime.device}
+    candidate with its last ``val_miou`` and the checkpoint holding its trained model."""
+    search = cfg.search
+    context = {**trial_context(cfg.data, cfg.affinity, prepared, search.objective,
+                               max(1, int(search.cpus_per_trial)), tracking_uri, parent_run_id,
+                               cfg.runtime.device),
+               "segmentation": cfg.segmentation.model_dump(mode="json")}
     grid = [{"bg": r.bg, "fg": r.fg, "checkpoint": r.checkpoint}
             for r in candidates.itertuples()]
+    gpus = search.stage2_gpus_per_trial
+    if gpus is None:  # a whole GPU per DeepLabv3+ training wherever the cluster has one
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
-                                    {"cpu": cfg.search.cpus_per_trial})
+                                    {"cpu": search.cpus_per_trial, "gpu": gpus})
     stage_dir = search_dir / "stage2"
     if tune.Tuner.can_restore(str(stage_dir)):  # a resumed search: finished ones stay done
         tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
                                    restart_errored=True)
     else:
+        if cfg.runtime.progress:
+            say(f"stage 2: DeepLabv3+ ({cfg.segmentation.encoder}) on {len(grid)} candidates' "
+                f"pseudo-labels, {cfg.segmentation.epochs} epochs each")
         tuner = tune.Tuner(
             trainable, param_space={"candidate": tune.grid_search(grid)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.search.max_concurrent,
+            tune_config=tune.TuneConfig(max_concurrent_trials=search.max_concurrent,
                                         reuse_actors=True),
-            run_config=tune.RunConfig(name="stage2", storage_path=str(search_dir), verbose=0))
+            run_config=tune.RunConfig(
+                name="stage2", storage_path=str(search_dir), verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[Stage2Progress(cfg.segmentation.epochs)] if cfg.runtime.progress
+                else []))
     rows = []
     for result in tuner.fit():
         if result.metrics is None or "bg" not in result.metrics:
@@ -129,7 +145,8 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, search_dir: Path, tracking
         rows.append({"bg": result.metrics["bg"], "fg": result.metrics["fg"],
                      "val_miou": result.metrics.get("val_miou", float("nan")),
                      "seg_loss": result.metrics["seg_loss"],
-                     "stage2_run_id": result.metrics["mlflow_run_id"]})
+                     "stage2_run_id": result.metrics["mlflow_run_id"],
+                     "stage2_checkpoint": result.checkpoint.path if result.checkpoint else None})
     return candidates.merge(pd.DataFrame(rows), on=["bg", "fg"], how="left")
 
 
@@ -228,9 +245,8 @@ def export_run_labels(folder: Path, out: Path,
         searched = ", ".join(f"{r.bg:g},{r.fg:g}" for r in table.itertuples())
         raise UserError(f"pair {pair[0]:g},{pair[1]:g} has no stage-1 trial in {folder}; "
                         f"searched pairs: {searched}")
-    full = cfg.affinity.model_copy(update={"subset": None})
-    prepared = stage0(cfg, full)
-    trial = AffinityTrial(prepared, full, pair[0], pair[1])
+    prepared = stage0(cfg, cfg.affinity).with_live_features(cfg.affinity, cfg.runtime.device)
+    trial = AffinityTrial(prepared, cfg.affinity, pair[0], pair[1], device=cfg.runtime.device)
     trial.load_state_dict(torch.load(Path(match.iloc[0].checkpoint) / CHECKPOINT_FILE,
                                      weights_only=False))
     return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
@@ -318,7 +334,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         write_json_atomic(folder / "candidates.json", summary)
         if search.stage2:
             with _ray(address, uri, parent):
-                candidates = run_stage2(cfg, candidates, folder, uri, parent)
+                candidates = run_stage2(cfg, candidates, prepared, folder, uri, parent)
             write_csv_atomic(candidates.drop(columns=["checkpoint"]), folder / "stage2.csv")
         selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
         tracking.log_artifacts(uri, parent, [folder / n for n in (

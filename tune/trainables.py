@@ -25,19 +25,24 @@ from wsss.segmentation import SegmentationSpec, build_model, train_segmentation
 CHECKPOINT_FILE = "trial.pt"
 
 
+STORE_KEYS = ("data", "affinity", "cams", "features", "classifier")
+
+
 def trial_context(data: DataSpec, affinity: AffinitySpec, prepared: Prepared, objective: str,
-                  threads: int, tracking_uri: str, parent_run_id: str) -> dict[str, Any]:
+                  threads: int, tracking_uri: str, parent_run_id: str,
+                  device: str) -> dict[str, Any]:
     """The small, JSON-able description a worker needs to rebuild a trial's inputs."""
+    classifier = prepared.classifier_path
     return {"data": data.model_dump(mode="json"), "affinity": affinity.model_dump(mode="json"),
             "cams": str(prepared.cams.path), "features": str(prepared.features.path),
+            "classifier": None if classifier is None else str(classifier),
             "objective": objective, "threads": threads, "tracking_uri": tracking_uri,
-            "parent_run_id": parent_run_id}
+            "parent_run_id": parent_run_id, "device": device}
 
 
 def _open(context: dict[str, Any]) -> tuple[Prepared, AffinitySpec]:
     """The trial inputs named by ``context`` (only its store keys matter for the cache)."""
-    return _open_cached(json.dumps({k: context[k] for k in ("data", "affinity", "cams",
-                                                           "features")}, sort_keys=True))
+    return _open_cached(json.dumps({k: context[k] for k in STORE_KEYS}, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=2)
@@ -45,7 +50,8 @@ def _open_cached(context_json: str) -> tuple[Prepared, AffinitySpec]:
     """Per worker process (actors are reused): open the stores once, not once per trial."""
     ctx = json.loads(context_json)
     data = DataSpec.model_validate(ctx["data"])
-    return (Prepared.open(data, Path(ctx["cams"]), Path(ctx["features"])),
+    classifier = None if ctx["classifier"] is None else Path(ctx["classifier"])
+    return (Prepared.open(data, Path(ctx["cams"]), Path(ctx["features"]), classifier),
             AffinitySpec.model_validate(ctx["affinity"]))
 
 
@@ -66,7 +72,7 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     prepared, spec = _open(context)
     bg, fg = pair_of(config)
     uri = context["tracking_uri"]
-    trial = AffinityTrial(prepared, spec, bg, fg)
+    trial = AffinityTrial(prepared, spec, bg, fg, device=context["device"])
     run_id = tracking.start_child(uri, context["parent_run_id"], 1,
                                   tune.get_context().get_trial_id(), bg, fg)
     logged = tracking.logged_steps(uri, run_id)
@@ -90,33 +96,47 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
-    """One promoted pair: its stage-1 edge head makes pseudo-labels for the whole train split,
-    then DeepLabv3+ trains on them (255 ignored), reporting ``val_miou`` after every epoch."""
+    """One promoted pair: its stage-1 edge head makes pseudo-labels for the whole train split
+    (frozen features computed on the fly), then DeepLabv3+ trains on them (255 ignored),
+    reporting ``val_miou`` and checkpointing after every epoch, so a killed search resumes a
+    long training where it stopped. Its MLflow run is keyed by the pair: a stage 2 restarted
+    from scratch finds the same run instead of duplicating it."""
     torch.set_num_threads(context["threads"])
     prepared, spec = _open(context)
+    device = context["device"]
     candidate = config["candidate"]
     bg, fg = float(candidate["bg"]), float(candidate["fg"])
     uri = context["tracking_uri"]
-    run_id = tracking.start_child(uri, context["parent_run_id"], 2,
-                                  tune.get_context().get_trial_id(), bg, fg)
-    trial = AffinityTrial(prepared, spec, bg, fg)
+    run_id = tracking.start_child(uri, context["parent_run_id"], 2, f"pair-{bg:g}-{fg:g}", bg, fg)
+    seg = SegmentationSpec.model_validate(context["segmentation"])
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+        if resume["epoch"] >= seg.epochs:  # killed after its last report: nothing to train
+            tune.report({**resume["metrics"], "bg": bg, "fg": fg, "mlflow_run_id": run_id})
+            return
+    trial = AffinityTrial(prepared.with_live_features(spec, device), spec, bg, fg,
+                          device=device)
     trial.load_state_dict(torch.load(Path(candidate["checkpoint"]) / CHECKPOINT_FILE,
                                      weights_only=False))
     labels = dict(trial.pseudo_labels())
     data = DataSpec.model_validate(context["data"])
     val = data.open("val") if data.has_split("val") else None
-    seg = SegmentationSpec.model_validate(context["segmentation"])
     model = build_model(seg, prepared.train.num_classes)
     ids = prepared.train.ids
     logged = tracking.logged_steps(uri, run_id, "seg_loss")
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch(epoch: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
         if epoch not in logged:
             tracking.log_epoch(uri, run_id, metrics, epoch)
         if epoch == seg.epochs:
             tracking.finish(uri, run_id)
-        tune.report({**metrics, "bg": bg, "fg": fg, "mlflow_run_id": run_id})
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({**state, "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
+            tune.report({**metrics, "bg": bg, "fg": fg, "mlflow_run_id": run_id},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
 
-    train_segmentation(model, prepared.train, lambda i: labels[ids[i]], seg,
-                       context["device"], val=val, on_epoch=on_epoch)
-
+    train_segmentation(model, prepared.train, lambda i: labels[ids[i]], seg, device, val=val,
+                       on_epoch=on_epoch, resume=resume)

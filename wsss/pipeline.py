@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +67,24 @@ class Prepared:
     val: SegDataset | None
     classifier_path: Path | None  # None with imported CAMs
     cams: CamStore
-    features: FeatureStore | None  # built only when trials will run
+    features: FeatureStore | LiveFeatures | None  # built only when trials will run
     stats: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, data: DataSpec, cams: Path, features: Path | None) -> Prepared:
+    def open(cls, data: DataSpec, cams: Path, features: Path | None,
+             classifier_path: Path | None = None) -> Prepared:
         """Reopen what `prepare` built (read-only memory maps, no hashing, no training): how a
         search's trial workers, on any node that reads the same paths, get their inputs."""
-        return cls(train=data.open("train"), val=None, classifier_path=None, cams=CamStore(cams),
+        return cls(train=data.open("train"), val=None, classifier_path=classifier_path,
+                   cams=CamStore(cams),
                    features=None if features is None else FeatureStore(features))
+
+    def with_live_features(self, affinity: AffinitySpec, device: str = "auto") -> Prepared:
+        """The same inputs with every train image's frozen features computed on demand
+        (`LiveFeatures`): what stage 2 and label export need, without a full-split store."""
+        dev = resolve_device(device)
+        backbone, _, levels = _frozen_levels(affinity, self.classifier_path, self.cams, dev)
+        return replace(self, features=LiveFeatures(backbone, self.train, levels, dev))
 
 
 def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None, key: str,
@@ -139,7 +148,6 @@ def _grid_stride(store: CamStore, j: int) -> int:
     return max(1, round(store.image_size(j)[0] / store.shapes[j][1]))
 
 
-@torch.no_grad()
 def _extract_features(model: torch.nn.Module, data: SegDataset, n: int, levels: list[int],
                       batch_size: int, device: torch.device):
     """Yield each of the first ``n`` images' chosen feature levels (float16 numpy arrays)."""
@@ -152,6 +160,7 @@ def _extract_features(model: torch.nn.Module, data: SegDataset, n: int, levels: 
             yield from _extract_features_batch(model, data, list(idx), levels, device)
 
 
+@torch.no_grad()
 def _extract_features_batch(model: torch.nn.Module, data: SegDataset, idx: list[int],
                             levels: list[int], device: torch.device):
     x = torch.from_numpy(np.stack([data.image(i) for i in idx])).to(device)
@@ -201,6 +210,33 @@ def _frozen_backbone(affinity: AffinitySpec, classifier_path: Path | None,
     return model.backbone, digest(str(classifier_path))
 
 
+def _frozen_levels(affinity: AffinitySpec, classifier_path: Path | None, store: CamStore,
+                   device: torch.device) -> tuple[torch.nn.Module, Any, list[int]]:
+    """The frozen backbone, its cache key and the feature levels the edge head reads."""
+    backbone, key = _frozen_backbone(affinity, classifier_path, device)
+    return backbone, key, _levels(backbone, affinity.levels, _grid_stride(store, 0))
+
+
+class LiveFeatures:
+    """`FeatureStore`'s reading interface (``ids``, ``manifest["channels"]``, ``features``)
+    over the frozen backbone itself, one image per call. Stage 2 needs every train image's
+    features once per candidate; stored, a full VOC split would take hundreds of GB at stride 4.
+    Features are rounded to float16 like the store's, so an edge head sees the same inputs."""
+
+    def __init__(self, backbone: torch.nn.Module, data: SegDataset, levels: list[int],
+                 device: torch.device) -> None:
+        self.backbone, self.data, self.levels, self.device = backbone, data, levels, device
+        self.ids: list[str] = list(data.ids)
+        self.manifest = {"channels": [backbone.feature_info.channels()[j] for j in levels]}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def features(self, i: int) -> list[np.ndarray]:
+        return next(_extract_features_batch(self.backbone, self.data, [i], self.levels,
+                                            self.device))
+
+
 def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root: Path, *,
             affinity: AffinitySpec | None = None, imported: ImportSpec | None = None,
             device: str = "auto", progress: bool = True) -> Prepared:
@@ -227,8 +263,7 @@ def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root
     if affinity is None:
         return Prepared(train=train, val=val, classifier_path=clf_path, cams=store,
                         features=None, stats=stats)
-    backbone, backbone_key = _frozen_backbone(affinity, clf_path, dev)
-    levels = _levels(backbone, affinity.levels, _grid_stride(store, 0))
+    backbone, backbone_key, levels = _frozen_levels(affinity, clf_path, store, dev)
     n = len(train) if affinity.subset is None else min(affinity.subset, len(train))
     channels = [backbone.feature_info.channels()[j] for j in levels]
     f_manifest = {"kind": "features", "backbone": backbone_key, "dataset": fingerprint,

@@ -30,6 +30,7 @@ from wsss.metrics import confusion, mean_iou
 from wsss.spec import Spec
 
 Labels = Callable[[int], np.ndarray] | Sequence[np.ndarray]
+OnEpoch = Callable[[int, dict[str, float], dict[str, Any]], None]
 
 # Crop padding: the mean colour normalises to ~0, so padded pixels look like "no signal".
 _PAD_COLOUR = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
@@ -190,14 +191,16 @@ def _size_batches(sizes: Sequence[tuple[int, int]], batch_size: int,
 def train_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset, labels: Labels,
                        spec: SegmentationSpec, device: torch.device | str, *,
                        val: SegDataset | None = None,
-                       on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-                       ) -> dict[str, float]:
+                       on_epoch: OnEpoch | None = None,
+                       resume: dict[str, Any] | None = None) -> dict[str, float]:
     """Train on ``labels`` (image i's uint8 label map at image size; 255 ignored) with
     cross-entropy, AdamW and a one-cycle schedule; deterministic for a seed on CPU.
 
-    After each epoch ``on_epoch(epochs_done, metrics)`` gets ``seg_loss`` (mean per labelled
-    pixel) and, with ``val``, ``val_miou``. Returns the last epoch's metrics; the model is left
-    in eval mode. Without ``crop_size`` only same-size images share a batch.
+    After each epoch ``on_epoch(epochs_done, metrics, state)`` gets ``seg_loss`` (mean per
+    labelled pixel), with ``val`` also ``val_miou``, and the training state (weights, optimiser,
+    schedule, random streams); passing that state back as ``resume`` continues after that epoch
+    exactly as if never stopped (on CPU). Returns the last epoch's metrics; the model is left in
+    eval mode. Without ``crop_size`` only same-size images share a batch.
     """
     device = _as_device(device)
     label = labels if callable(labels) else labels.__getitem__
@@ -217,7 +220,15 @@ def train_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset, labels: La
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, pct_start=0.15,
                                                 total_steps=max(1, spec.epochs * steps))
     metrics: dict[str, float] = {}
-    for epoch in range(1, spec.epochs + 1):
+    first = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        g.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        first = int(resume["epoch"]) + 1
+    for epoch in range(first, spec.epochs + 1):
         model.train()
         loss_sum, pixels = 0.0, 0
         for batch in _size_batches(sizes, spec.batch_size, g):
@@ -237,7 +248,10 @@ def train_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset, labels: La
         if val is not None:
             metrics["val_miou"] = evaluate_segmentation(model, val, device)
         if on_epoch is not None:
-            on_epoch(epoch, metrics)
+            on_epoch(epoch, metrics, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "generator": g.get_state(),
+                "torch_rng": torch.get_rng_state(), "epoch": epoch})
     model.eval()
     return metrics
 

@@ -1,0 +1,69 @@
+"""Progress lines for a running search, printed by the driver from Ray Tune callbacks.
+
+Ray's own console reporter prints wide tables of every trial; a researcher watching a search
+wants one line per finished stage-1 trial (with the best pair so far) and one per DeepLabv3+
+epoch in stage 2.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ray.tune import Callback
+
+Write = Callable[[str], None]
+
+
+def say(line: str) -> None:
+    """Print one progress line now (the driver may be piped into a log file)."""
+    print(line, flush=True)
+
+
+class Stage1Progress(Callback):
+    """One line per ended trial: its pair, epochs trained, objective, and the best so far."""
+
+    def __init__(self, total: int, epochs: int, objective: str, write: Write = say) -> None:
+        self.total, self.epochs, self.objective, self.write = total, epochs, objective, write
+        self.done = 0
+        self.best: tuple[float, float, float] | None = None
+        self.start = time.perf_counter()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        if "bg" not in result:
+            return
+        self.done += 1
+        bg, fg, epochs = result["bg"], result["fg"], int(result["training_iteration"])
+        if result.get("degenerate"):
+            what = "degenerate (no neutral pixel): never promoted"
+        else:
+            value = result[self.objective]
+            finished = epochs >= self.epochs
+            what = (f"{self.objective} {value:.4f}  " + (f"{epochs} epochs" if finished else
+                                                           f"stopped early after {epochs}"))
+            if finished and (self.best is None or value > self.best[2]):
+                self.best = (bg, fg, value)
+        best = "" if self.best is None else (
+            f"   best ({self.best[0]:.2f}, {self.best[1]:.2f}) {self.best[2]:.4f}")
+        self.write(f"  [{self.done:>3}/{self.total}] {time.perf_counter() - self.start:6.0f} s  "
+                   f"({bg:.2f}, {fg:.2f})  {what}{best}")
+
+
+class Stage2Progress(Callback):
+    """One line per DeepLabv3+ epoch of each candidate."""
+
+    def __init__(self, epochs: int, write: Write = say) -> None:
+        self.epochs, self.write = epochs, write
+        self.start = time.perf_counter()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if "bg" not in result:
+            return
+        val = result.get("val_miou")
+        score = "" if val is None or val != val else f"  val mIoU {val:.2%}"
+        self.write(f"  {time.perf_counter() - self.start:6.0f} s  ({result['bg']:.2f}, "
+                   f"{result['fg']:.2f})  epoch {int(result['training_iteration']):>2}/"
+                   f"{self.epochs}  loss {result['seg_loss']:.4f}{score}")
