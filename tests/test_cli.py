@@ -65,3 +65,16 @@ def test_trial_command_exports_labels(tmp_path, monkeypatch, capsys):
     assert Image.open(pngs[0]).mode == "P"
     assert main(["trial", "--config", "ci", "--bg", "0.5", "--fg", "0.2", *small]) == 2
     assert "--bg (0.5) must not exceed --fg (0.2)" in capsys.readouterr().err
+
+
+def test_search_flag_errors_are_one_line(tmp_path, capsys):
+    assert main(["search", "--resume", str(tmp_path), "--space", "optuna"]) == 2
+    assert "--resume continues a search with its saved config: drop --space" in (
+        capsys.readouterr().err)
+    assert main(["search", "--resume", str(tmp_path)]) == 2
+    assert f"{tmp_path} is not a search folder (search.json not found)" in capsys.readouterr().err
+    assert main(["search"]) == 2
+    assert "search needs --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse names the allowed spaces
+        main(["search", "--config", "ci", "--space", "grid"])
+    assert "invalid choice: 'grid'" in capsys.readouterr().err

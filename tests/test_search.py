@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from tune.config import load_config
-from tune.search import promote, run_search
+from tune.search import promote
 from tune.space import SamplerBounds, define_by_run
 from wsss.errors import UserError
 
@@ -51,15 +51,24 @@ def test_sampled_space_respects_the_gap():
 
 
 @pytest.mark.slow
-def test_stage1_search_on_local_ray(ci_config, ci_prepared):
+def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
+    from tune.cli import main
+    from tune.search import load_state
+
     pairs = "[[0.1, 0.35], [0.2, 0.45], [0.3, 0.3], [0.25, 0.5]]"
     runs = ci_config.runtime.runs_root  # the session's stores: stage 0 is all cached
-    cfg = load_config("ci", ["search.space=pairs", f"search.pairs={pairs}", "affinity.epochs=2",
-                             "affinity.subset=40", "search.top_k=2", "search.grace_period=1",
-                             "segmentation.epochs=2",
-                             f"data.root={ci_config.data.root}", f"runtime.runs_root={runs}"])
-    out = run_search(cfg)
-    t = out["table"]
+    assert main(["search", "--config", "ci", "--space", "pairs", "--data",
+                 str(ci_config.data.root), "--set", f"search.pairs={pairs}",
+                 "--set", "affinity.epochs=2", "--set", "affinity.subset=40",
+                 "--set", "search.top_k=2", "--set", "segmentation.epochs=2",
+                 "--set", "runtime.progress=true", "--set", f"runtime.runs_root={runs}"]) == 0
+    printed = capsys.readouterr().out
+    state = load_state(runs / "ci")
+    out = {"tracking_uri": state["tracking_uri"], "parent_run_id": state["parent_run_id"]}
+    t = pd.read_csv(runs / "ci" / "stage1.csv")
+    assert state["config"]["data"]["synthetic"] is None  # --data: the user's dataset as is
+    assert "stage 1: 4 trials (pairs space)" in printed and "[  4/4]" in printed
+    assert "epoch  2/2" in printed and "regret of the pick" in printed
     assert sorted(zip(t.bg, t.fg)) == [(0.1, 0.35), (0.2, 0.45), (0.25, 0.5), (0.3, 0.3)]
     assert {"tecm", "tecm_pooled", "pqs_pseudo", "objective", "training_iteration"} <= set(t)
     assert (t.loc[t.degenerate == 1, "objective"] == 0).all()  # degenerate never drives
@@ -109,6 +118,9 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
     pair = (selection["pair"]["bg"], selection["pair"]["fg"])
     assert pair == (saved["candidates"][0]["bg"], saved["candidates"][0]["fg"])
     assert selection["regret_val_miou"] >= 0
+    assert (f"selected (BG, FG) = ({pair[0]:g}, {pair[1]:g}) by tecm (no ground truth used)"
+            in printed)
+    assert all(r["stage2_checkpoint"] for r in selection["ranked"])  # the trained DeepLabv3+
     assert {"stage1.csv", "candidates.json", "selection.json", "thresholds.yaml"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
     # re-select without retraining: by val mIoU (uses GT), then another promotion policy
@@ -129,73 +141,104 @@ def test_stage1_search_on_local_ray(ci_config, ci_prepared):
                  "0.5,0.9"]) == 2
 
 
-@pytest.mark.slow
-def test_killed_search_resumes_without_rerunning_finished_trials(ci_config, ci_prepared,
-                                                                  tmp_path):
+def _kill_when(args: list[str], cwd, ready, what: str, limit: float = 300) -> None:
+    """Run ``wsss-tune ARGS`` in its own process group and SIGKILL the whole group (driver,
+    Ray, trial workers) as soon as ``ready()`` returns something true."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    proc = subprocess.Popen([sys.executable, "-m", "tune.cli", *args], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + limit
+    try:
+        while time.time() < deadline:
+            if ready():
+                time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S: Tune has recorded what finished
+                return
+            assert proc.poll() is None, f"the search ended before {what}"
+            time.sleep(0.5)
+        raise AssertionError(f"not {what} within {limit} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _finished_trials(stage_dir, epochs: int) -> list:
+    return [p for p in stage_dir.glob("*/result.json")
+            if len(p.read_text().splitlines()) >= epochs]
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_rerunning_finished_trials(ci_config, ci_prepared,
+                                                                  tmp_path):
+    """SIGKILL during stage 1, resume (and SIGKILL that during stage 2), resume again: every
+    trial of each stage appears once, finished ones are not retrained, nothing stays RUNNING."""
+    import os
+
     from mlflow import MlflowClient
 
+    from tune.cli import main
     from tune.search import load_state
 
     runs = tmp_path / "runs"
-    args = ["search", "--config", "ci", "--set", "name=resume",
-            "--set", "search.space=pairs", "--set", "search.scheduler=none",
+    args = ["search", "--config", "ci", "--space", "pairs", "--set", "name=resume",
+            "--set", "search.scheduler=none",
             "--set", "search.pairs=[[0.1,0.35],[0.15,0.4],[0.2,0.45],[0.25,0.5]]",
             "--set", "affinity.epochs=3", "--set", "affinity.subset=40",
-            "--set", "search.max_concurrent=1", "--set", "search.stage2=false",
+            "--set", "search.max_concurrent=1", "--set", "search.top_k=2",
+            "--set", "segmentation.epochs=2",
             "--set", f"data.root={ci_config.data.root}", "--set", f"runtime.runs_root={runs}"]
     # stage 0 reuses the session's classifier and CAM store (same data, same settings)
     os.makedirs(runs, exist_ok=True)
     os.symlink(ci_config.runtime.runs_root / "stores", runs / "stores")
-    proc = subprocess.Popen([sys.executable, "-m", "tune.cli", *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     folder = runs / "resume"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:  # wait until one trial finished all its epochs
-            done = [p for p in (folder / "stage1").glob("*/result.json")
-                    if len(p.read_text().splitlines()) >= 3]
-            if done:
-                time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S: Tune has recorded it as finished
-                break
-            assert proc.poll() is None, "the search ended before it could be killed"
-            time.sleep(0.5)
-        else:
-            raise AssertionError("no trial finished within 300 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-        proc.wait()
-    state = load_state(folder)
-    client = MlflowClient(state["tracking_uri"])
-    before = {r.info.run_id: r for r in client.search_runs(
-        [client.get_run(state["parent_run_id"]).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{state['parent_run_id']}'")}
+    _kill_when(args, tmp_path, lambda: _finished_trials(folder / "stage1", 3),
+               "one stage-1 trial finished")
+    done = _finished_trials(folder / "stage1", 3)
     finished_before = {f'{json.loads((p.parent / "params.json").read_text())["pair"][0]:g}'
                        for p in done}
+    state = load_state(folder)
+    client = MlflowClient(state["tracking_uri"])
+    experiment = client.get_run(state["parent_run_id"]).info.experiment_id
+
+    def children(stage: int) -> dict:
+        return {r.info.run_id: r for r in client.search_runs(
+            [experiment], f"tags.mlflow.parentRunId = '{state['parent_run_id']}' "
+                          f"and tags.stage = '{stage}'")}
+
+    before = children(1)
     assert finished_before  # something finished before the kill
-
-    from tune.cli import main
-
+    _kill_when(["search", "--resume", str(folder)], tmp_path,
+               lambda: _finished_trials(folder / "stage2", 2), "one stage-2 trial finished")
+    stage1, stage2_before = children(1), children(2)
     assert main(["search", "--resume", str(folder)]) == 0
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.data.params["bg"] for c in children) == ["0.1", "0.15", "0.2", "0.25"]
-    assert {c.info.status for c in children} == {"FINISHED"}  # nothing left RUNNING
-    for child in children:  # each epoch reported once: no trial was trained twice
+    assert sorted(c.data.params["bg"] for c in children(1).values()) == [
+        "0.1", "0.15", "0.2", "0.25"]
+    for child in children(1).values():  # each epoch reported once: no trial was trained twice
+        assert child.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "tecm")]
         assert steps == [1, 2, 3], (child.data.params, steps)
+        assert child.info.end_time == stage1[child.info.run_id].info.end_time  # not rerun
         if child.data.params["bg"] in finished_before:
-            assert child.info.run_id in before
             assert child.info.end_time == before[child.info.run_id].info.end_time
-    assert len(json.loads((folder / "candidates.json").read_text())["candidates"]) >= 1
+    after = children(2)  # stage 2 started once: one run per candidate, finished ones kept
+    candidates = json.loads((folder / "candidates.json").read_text())["candidates"]
+    assert len(after) == len(candidates) == 2
+    assert {r.info.status for r in after.values()} == {"FINISHED"}
+    for run in after.values():
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")]
+        assert steps == [1, 2], steps
+    finished2 = [r for r in stage2_before.values() if r.info.status == "FINISHED"]
+    assert finished2 and all(after[r.info.run_id].info.end_time == r.info.end_time
+                             for r in finished2)
+    selection = json.loads((folder / "selection.json").read_text())
+    assert all(row["val_miou"] is not None for row in selection["ranked"])
 
 
 def test_reselect_says_which_candidates_never_reached_stage_two(tmp_path, capsys):

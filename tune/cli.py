@@ -298,17 +298,18 @@ def print_result(cfg: Config, out: dict, seconds: float) -> None:
     best = sel.get("best_by_val_miou")
     rows = []
     for r in cands.itertuples():
-        marks = ["<- pick" if (r.bg, r.fg) == pick else "",
-                 "<- best val mIoU" if best and (r.bg, r.fg) == (best["bg"], best["fg"]) else ""]
+        marks = ["pick" if (r.bg, r.fg) == pick else "",
+                 "best val mIoU" if best and (r.bg, r.fg) == (best["bg"], best["fg"]) else ""]
         rows.append({"BG": f"{r.bg:.2f}", "FG": f"{r.fg:.2f}", name.upper(): f"{r.objective:.4f}",
                      "PQS": pct(getattr(r, "pqs_avg", None)),
                      "val mIoU": pct(getattr(r, "val_miou", None)),
-                     "": " ".join(m for m in marks if m)})
+                     "": "<- " + ", ".join(m for m in marks if m) if any(marks) else ""})
     print(f"\ncandidates ({cfg.search.policy} top {cfg.search.top_k} by {name}):")
     print(pd.DataFrame(rows).to_string(index=False))
     note = "uses ground truth" if sel["uses_ground_truth"] else "no ground truth used"
     val = sel["metrics"].get("val_miou")
-    print(f"\nselected (BG, FG) = ({pick[0]:g}, {pick[1]:g}) by {sel['pick']} ({note})"
+    rule = name if sel["pick"] == "objective" else "val mIoU"
+    print(f"\nselected (BG, FG) = ({pick[0]:g}, {pick[1]:g}) by {rule} ({note})"
           + (f": val mIoU {pct(val)}" if val is not None else ""))
     if best:
         print(f"best candidate by val mIoU: ({best['bg']:g}, {best['fg']:g}) "

@@ -67,6 +67,9 @@ class SearchConfig(Section):
                                                          "(0.25: four trials on one GPU)")
     stage2_gpus_per_trial: float | None = Field(
         None, ge=0, description="stage 2 (DeepLabv3+); None: 1 where the cluster has GPUs")
+    stage2_cpus_per_trial: float | None = Field(None, gt=0, description="None: cpus_per_trial")
+    stage2_max_concurrent: int | None = Field(None, ge=1, description="None: all candidates "
+                                                                      "at once")
     top_k: int = Field(3, ge=1)
     policy: Literal["global", "per_bg"] = "global"
     stage2: bool = Field(True, description="train DeepLabv3+ on the promoted pairs")

@@ -110,8 +110,9 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
     """DeepLabv3+ on each promoted pair's pseudo-labels (whole train split); one row per
     candidate with its last ``val_miou`` and the checkpoint holding its trained model."""
     search = cfg.search
+    cpus = search.stage2_cpus_per_trial or search.cpus_per_trial
     context = {**trial_context(cfg.data, cfg.affinity, prepared, search.objective,
-                               max(1, int(search.cpus_per_trial)), tracking_uri, parent_run_id,
+                               max(1, int(cpus)), tracking_uri, parent_run_id,
                                cfg.runtime.device),
                "segmentation": cfg.segmentation.model_dump(mode="json")}
     grid = [{"bg": r.bg, "fg": r.fg, "checkpoint": r.checkpoint}
@@ -120,7 +121,7 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
     if gpus is None:  # a whole GPU per DeepLabv3+ training wherever the cluster has one
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
-                                    {"cpu": search.cpus_per_trial, "gpu": gpus})
+                                    {"cpu": cpus, "gpu": gpus})
     stage_dir = search_dir / "stage2"
     if tune.Tuner.can_restore(str(stage_dir)):  # a resumed search: finished ones stay done
         tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
@@ -131,8 +132,9 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
                 f"pseudo-labels, {cfg.segmentation.epochs} epochs each")
         tuner = tune.Tuner(
             trainable, param_space={"candidate": tune.grid_search(grid)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=search.max_concurrent,
-                                        reuse_actors=True),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=search.stage2_max_concurrent or len(grid),
+                reuse_actors=True),
             run_config=tune.RunConfig(
                 name="stage2", storage_path=str(search_dir), verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -318,6 +320,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # DESIGN §6: resume loses no trial
     # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables
     status = "FAILED"
     try:
         prepared = stage0(cfg, cfg.affinity)
