@@ -7,7 +7,7 @@ import pytest
 
 from tune.config import load_config
 from tune.search import promote
-from tune.space import SamplerBounds, define_by_run
+from tune.space import DefineByRun, SamplerBounds
 from wsss.errors import UserError
 
 
@@ -41,13 +41,34 @@ def test_sampled_space_respects_the_gap():
 
     bounds = SamplerBounds(bg_min=0.0, bg_max=0.7, min_gap=0.05, fg_max=0.95)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    space = define_by_run(bounds)
+    space = DefineByRun(bounds)
     for _ in range(200):
         trial = study.ask()
         space(trial)
         bg, fg = trial.params["bg"], trial.params["fg"]
         assert 0 <= bg <= 0.7 and bg + 0.05 - 1e-12 <= fg <= 0.95
         study.tell(trial, 0.0)
+
+
+@pytest.mark.slow
+def test_optuna_search_on_local_ray(ci_config, ci_prepared, tmp_path):
+    """TPE samples valid pairs under Tune, whose experiment snapshots pickle the sampler's space
+    every second (a closure there once crashed every optuna search)."""
+    import os
+
+    from tune.cli import main
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.symlink(ci_config.runtime.runs_root / "stores", runs / "stores")
+    assert main(["search", "--config", "ci", "--space", "optuna", "--set", "name=tpe",
+                 "--set", "search.num_samples=3", "--set", "affinity.epochs=1",
+                 "--set", "affinity.subset=40", "--set", "search.stage2=false",
+                 "--set", f"data.root={ci_config.data.root}",
+                 "--set", f"runtime.runs_root={runs}"]) == 0
+    t = pd.read_csv(runs / "tpe" / "stage1.csv")
+    assert len(t) == 3 and len(set(zip(t.bg, t.fg))) == 3
+    assert (t.bg.between(0, 0.7) & (t.fg >= t.bg + 0.05 - 1e-9) & (t.fg <= 0.95)).all()
 
 
 @pytest.mark.slow

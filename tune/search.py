@@ -25,7 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from tune import tracking
 from tune.config import Config, SearchConfig
 from tune.progress import Stage1Progress, Stage2Progress, say
-from tune.space import define_by_run, grid_pairs
+from tune.space import DefineByRun, grid_pairs
 from tune.trainables import CHECKPOINT_FILE, stage1, stage2, trial_context
 from wsss.affinity import AffinitySpec
 from wsss.data import atomic_write_bytes
@@ -48,7 +48,7 @@ def stage1_space(search: SearchConfig) -> tuple[dict[str, Any], OptunaSearch | N
     gap = search.bounds.min_gap
     warm = ([{"bg": bg, "fg": fg} for bg, fg in grid_pairs("paper") if fg - bg >= gap]
             if search.warm_start_grid else None)
-    algo = OptunaSearch(space=define_by_run(search.bounds), metric="objective", mode="max",
+    algo = OptunaSearch(space=DefineByRun(search.bounds), metric="objective", mode="max",
                         sampler=sampler, points_to_evaluate=warm)
     return {}, algo, search.num_samples
 

@@ -8,7 +8,6 @@ every sampled pair is valid and no trial is wasted on ``BG > FG``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -56,12 +55,16 @@ class SamplerBounds(Spec):
         return self
 
 
-def define_by_run(bounds: SamplerBounds) -> Callable[[Any], None]:
+class DefineByRun:
     """Optuna define-by-run space: ``bg`` first, then ``fg >= bg + min_gap`` (gap inclusive).
-    Ray's OptunaSearch takes the suggested values from the trial, so nothing is returned."""
+    Ray's OptunaSearch takes the suggested values from the trial, so nothing is returned. A
+    class, not a closure: Tune pickles the search algorithm (and this space) into every
+    experiment snapshot, and a resumed search unpickles it."""
 
-    def space(trial: Any) -> None:
-        bg = trial.suggest_float("bg", bounds.bg_min, bounds.bg_max)
-        trial.suggest_float("fg", min(bg + bounds.min_gap, bounds.fg_max), bounds.fg_max)
+    def __init__(self, bounds: SamplerBounds) -> None:
+        self.bounds = bounds
 
-    return space
+    def __call__(self, trial: Any) -> None:
+        b = self.bounds
+        bg = trial.suggest_float("bg", b.bg_min, b.bg_max)
+        trial.suggest_float("fg", min(bg + b.min_gap, b.fg_max), b.fg_max)

@@ -207,7 +207,9 @@ def _frozen_backbone(affinity: AffinitySpec, classifier_path: Path | None,
                         "affinity.backbone_weights (a local file) must be set: there is no "
                         "trained classifier to take features from")
     model, _ = load_classifier(classifier_path, device)
-    return model.backbone, digest(str(classifier_path))
+    # keyed by the classifier's content key (its cache folder), not its path: the same
+    # classifier reached through another runs root or a moved folder reuses its features
+    return model.backbone, classifier_path.parent.name
 
 
 def _frozen_levels(affinity: AffinitySpec, classifier_path: Path | None, store: CamStore,
