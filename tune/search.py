@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tune import tracking
+from tune import cluster, tracking
 from tune.config import Config, SearchConfig
 from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.space import DefineByRun, grid_pairs
@@ -293,14 +293,29 @@ def stage0(cfg: Config, affinity: AffinitySpec) -> Prepared:
                    progress=cfg.runtime.progress)
 
 
+def _folders(cfg: Config, folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """What every node of a cluster must read at the same path (`tune.cluster`): the folders
+    trials write or that grow (shared), and the dataset (shared or copied)."""
+    return ({"search folder": folder, "stores folder": cfg.runtime.runs_root / "stores"},
+            {"data.root": cfg.data.root})
+
+
 @contextmanager
-def _ray(address: str | None, uri: str, parent: str) -> Iterator[None]:
-    """One stage's Ray session (a local cluster unless ``address``); afterwards every child run
-    a stopped trial left RUNNING is closed."""
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-             ignore_reinit_error=True,
-             **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
+def _ray(address: str | None, uri: str, parent: str, shared: dict[str, Path] | None = None,
+         present: dict[str, Path] | None = None) -> Iterator[None]:
+    """One stage's Ray session: a local cluster unless ``address`` (or ``RAY_ADDRESS``) names
+    one, whose nodes must then all read the ``shared`` folders, find the ``present`` ones and
+    reach ``uri`` (checked before any trial starts); afterwards every child run a stopped trial
+    left RUNNING is closed."""
+    address = cluster.resolve_address(address)
+    if address is None:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True, num_cpus=max(1, os.cpu_count() or 1))
+    else:
+        cluster.connect(address)
     try:
+        if address is not None:
+            cluster.check_cluster(shared or {}, uri, present=present)
         yield
     finally:
         ray.shutdown()
@@ -324,7 +339,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
     status = "FAILED"
     try:
         prepared = stage0(cfg, cfg.affinity)
-        with _ray(address, uri, parent):
+        with _ray(address, uri, parent, *_folders(cfg, folder)):
             table = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
         write_csv_atomic(table, folder / "stage1.csv")
         search = cfg.search
@@ -336,7 +351,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
                                              "mlflow_run_id"]].to_dict(orient="records")}
         write_json_atomic(folder / "candidates.json", summary)
         if search.stage2:
-            with _ray(address, uri, parent):
+            with _ray(address, uri, parent, *_folders(cfg, folder)):
                 candidates = run_stage2(cfg, candidates, prepared, folder, uri, parent)
             write_csv_atomic(candidates.drop(columns=["checkpoint"]), folder / "stage2.csv")
         selection = write_selection(cfg, folder, candidates, search.pick, search.policy)

@@ -1,0 +1,272 @@
+"""Start-up checks for a search on a Ray cluster (DESIGN §6).
+
+On one machine every trial sees the driver's files and its MLflow store. On a cluster a trial runs
+on any node, opens the stage-0 stores and writes its checkpoints by *path*, and logs to MLflow from
+that node: a folder that is not shared, or a tracking URI that only the driver reaches, would
+fail trials one by one, or (a per-node SQLite file) silently split the runs between nodes. So
+before any trial starts, one tiny task per alive node reads back a token the driver just wrote into
+each shared folder, looks for the dataset, and calls the tracking server; a failure names what is
+missing, where, and what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from wsss.data import atomic_write_bytes
+from wsss.errors import UserError
+
+log = logging.getLogger("tune")
+
+GUIDE = "see scripts/CLUSTER.md"
+TOKEN_PREFIX = ".wsss-tune-check-"
+
+
+def resolve_address(address: str | None) -> str | None:
+    """The cluster to use: ``--address``, else ``RAY_ADDRESS`` (Ray's own convention, so a
+    search started by ``ray job submit`` or from a shell set up for a cluster goes there); None
+    (or ``local``) means a local Ray started for this search."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "local") else address
+
+
+def connect(address: str, *, timeout_s: float = 5.0) -> None:
+    """``ray.init`` on a running cluster; what goes wrong becomes a one-line `UserError`.
+
+    A TCP probe first: with nothing listening Ray retries for many minutes before it gives up.
+    An address Ray cannot parse, or a refused token, comes back from ``ray.init`` at once or after
+    about 20 s."""
+    hostport = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d+)", address)
+    if hostport:
+        host, port = hostport.group(1), int(hostport.group(2))
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+        except OSError as e:
+            raise UserError(f"no Ray cluster answers at {address} ({e.strerror or e}): start "
+                            f"its head (scripts/start-head.sh) or fix --address/RAY_ADDRESS "
+                            f"(HOST:PORT of the head, port 6379 by default); {GUIDE}") from None
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True)
+    except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as e:
+        ray.shutdown()  # whatever a half-done connection left behind
+        if isinstance(e, ValueError):
+            hint = "give the head's HOST:PORT, e.g. --address 10.0.0.1:6379"
+        elif "auth" in _chain(e).lower():
+            hint = ("the cluster uses token authentication: export RAY_AUTH_MODE=token and give "
+                    "this machine the head's token (run `ray get-auth-token` on the head, then "
+                    "set RAY_AUTH_TOKEN or write it to ~/.ray/auth_token)")
+        else:
+            hint = "is its head running (scripts/start-head.sh)?"
+        reason = _first_line(e).split(". ")[0]  # Ray appends its own long advice
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {reason}; "
+                        f"{hint}; {GUIDE}") from None
+
+
+def check_cluster(shared: Mapping[str, Path], tracking_uri: str, *,
+                  present: Mapping[str, Path] | None = None, timeout_s: float = 60.0,
+                  settle_s: float = 10.0) -> None:
+    """Raise `UserError` unless every alive node reads each ``shared`` folder (name -> path) at
+    the same path, finds each ``present`` folder (read-only inputs such as the dataset: a copy
+    at the same path will do, so only its top-level names are compared), and reaches
+    ``tracking_uri``.
+
+    An http(s) tracking URI is called from every node (the same client calls the trials make). A
+    SQLite or file store is checked only on a cluster of several nodes, where its folder must be
+    shared too: a store on a node-local disk would split the runs; even shared, SQLite takes few
+    concurrent writers, so a tracking server is recommended there. ``timeout_s`` bounds the
+    wait for the nodes' answers; ``settle_s`` how long a node looks again for a missing file."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    folders = {name: Path(path).absolute() for name, path in shared.items()}
+    store = local_store(tracking_uri)
+    if store is not None and len(nodes) > 1:
+        folders[f"MLflow store folder of {tracking_uri}"] = store
+        log.warning("a %s tracking store on a %d-node cluster: every trial writes into one file "
+                    "on a shared folder; a tracking server is recommended (%s)",
+                    tracking_uri.split(":", 1)[0], len(nodes), GUIDE)
+    http = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
+    inputs = {name: Path(path).absolute() for name, path in (present or {}).items()}
+    listings = {str(path): sorted(os.listdir(path))[:20] for path in inputs.values()}
+    tokens = _write_tokens(folders)
+    try:
+        refs = {_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    n["NodeID"], soft=False)).remote(
+                    {str(p): t for p, t in tokens.values()}, listings, http, settle_s): n
+                for n in nodes}
+        results = _gather(refs, timeout_s)
+    finally:
+        for path, _ in tokens.values():
+            path.unlink(missing_ok=True)
+    problems = []
+    for name, (path, _) in tokens.items():
+        failed = sorted(f"{ip} ({r['unreadable'][str(path)]})" for ip, r in results.items()
+                        if str(path) in r["unreadable"])
+        if failed:
+            fix = ("start a tracking server and pass --tracking-uri http://HOST:5000 (SQLite "
+                   "takes few concurrent writers; a tracking server is recommended on clusters)"
+                   if name.startswith("MLflow") else
+                   "put runtime.runs_root (stores and search folders) on a shared filesystem "
+                   "mounted at the same path on every node")
+            problems.append(f"shared path {path.parent} ({name}) is not readable on node "
+                            f"{', '.join(failed)}: {fix}")
+    for name, path in inputs.items():
+        failed = sorted(f"{ip} ({r['missing'][str(path)]})" for ip, r in results.items()
+                        if str(path) in r["missing"])
+        if failed:
+            problems.append(f"path {path} ({name}) is missing on node {', '.join(failed)}: "
+                            f"put it on the shared filesystem or copy it to the same path on "
+                            f"every node")
+    unreachable = sorted(f"{ip} ({r['tracking']})" for ip, r in results.items() if r["tracking"])
+    if unreachable:
+        loopback = urlparse(tracking_uri).hostname in ("localhost", "127.0.0.1", "::1")
+        problems.append(
+            f"tracking URI {tracking_uri} is not reachable from node {', '.join(unreachable)}: "
+            f"start `mlflow server --host 0.0.0.0 ...` where every node reaches it, or fix "
+            f"--tracking-uri"
+            + (" (not localhost: on a worker node that is the node itself)"
+               if loopback and len(nodes) > 1 else ""))
+    if problems:
+        raise UserError(" / ".join(problems) + f" ({GUIDE})")
+    log.info("cluster check passed on %d node(s): %s", len(nodes), ", ".join(sorted(results)))
+
+
+def local_store(tracking_uri: str) -> Path | None:
+    """The folder of a SQLite or file tracking store (None for a server or a remote database)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):]).absolute().parent
+    if tracking_uri.startswith("file:"):
+        return Path(urlparse(tracking_uri).path).absolute()
+    if "://" not in tracking_uri:
+        return Path(tracking_uri).absolute()
+    return None
+
+
+def _write_tokens(folders: Mapping[str, Path]) -> dict[str, tuple[Path, str]]:
+    """A fresh random token per folder, written atomically (a reader never sees half a file);
+    the random name keeps two searches that share a folder apart."""
+    tokens: dict[str, tuple[Path, str]] = {}
+    name = f"{TOKEN_PREFIX}{secrets.token_hex(8)}"
+    try:
+        for label, folder in folders.items():
+            token = secrets.token_hex(16)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(folder / name, token.encode())
+            tokens[label] = (folder / name, token)
+    except OSError as e:
+        for path, _ in tokens.values():
+            path.unlink(missing_ok=True)
+        raise UserError(f"cannot write into {folder} ({label}) on this machine: {e}") from None
+    return tokens
+
+
+def _gather(refs: dict[Any, dict[str, Any]], timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Each node's probe result by node IP; a node whose probe fails or never runs is an error
+    (a node without this package cannot run trials either)."""
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        ips = ", ".join(sorted(refs[r]["NodeManagerAddress"] for r in pending))
+        raise UserError(f"the start-up check did not run on node {ips} within {timeout_s:g} s: "
+                        f"is the node healthy (`ray status`)? ({GUIDE})")
+    ips = [n["NodeManagerAddress"] for n in refs.values()]
+    results = {}
+    for ref in ready:
+        node = refs[ref]
+        ip = node["NodeManagerAddress"]
+        if ips.count(ip) > 1:  # several nodes on one machine (a test cluster)
+            ip = f"{ip}/{node['NodeID'][:8]}"
+        try:
+            results[ip] = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            raise UserError(f"the start-up check failed on node {ip}: {_first_line(e)}; is "
+                            f"wsss-tune installed in the same Python environment on every node? "
+                            f"({GUIDE})") from None
+    return results
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _probe(tokens: dict[str, str], listings: dict[str, list[str]], http_uri: str | None,
+           settle_s: float = 10.0, timeout_s: float = 10.0) -> dict[str, Any]:
+    """On one node: which token files are missing or differ, which input folders lack the names
+    the driver listed, and why the tracking server cannot be called (None when it can). A
+    missing token is looked for again for ``settle_s``: an NFS client may cache a folder's
+    listing for some seconds."""
+    unreadable: dict[str, str] = {}
+    deadline = time.monotonic() + settle_s
+    for path, expected in tokens.items():
+        while True:
+            try:
+                found = Path(path).read_text()
+                if found != expected:
+                    unreadable[path] = "another file is there (not the driver's folder)"
+                break
+            except OSError as e:
+                if not isinstance(e, FileNotFoundError) or time.monotonic() > deadline:
+                    unreadable[path] = e.strerror or str(e)
+                    break
+                try:
+                    os.listdir(Path(path).parent)  # refreshes a cached listing
+                except OSError:
+                    pass
+                time.sleep(0.5)
+    missing: dict[str, str] = {}
+    for folder, names in listings.items():
+        try:
+            lost = sorted(set(names) - set(os.listdir(folder)))
+        except OSError as e:
+            missing[folder] = e.strerror or str(e)
+        else:
+            if lost:
+                missing[folder] = f"no {lost[0]}" + (f" and {len(lost) - 1} more" if lost[1:]
+                                                     else "")
+    return {"unreadable": unreadable, "missing": missing,
+            "tracking": None if http_uri is None else _tracking_problem(http_uri, timeout_s)}
+
+
+def _tracking_problem(uri: str, timeout_s: float) -> str | None:
+    """Why an MLflow API call to ``uri`` fails from here (None when it works). A real API call,
+    not ``/health``: the server's host check exempts ``/health`` but refuses the trials' calls."""
+    from mlflow import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                             "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                      MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout_s)))
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+        return None
+    except Exception as e:  # any failure is the answer
+        text = str(e)
+        cause = re.search(r"Caused by \w+\(\"?(.*?)\"?\)\)?\s*$", text, re.S)
+        return _first_line(cause.group(1) if cause else text)[:300]
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _chain(error: BaseException) -> str:
+    """The messages of an exception and its causes (Ray wraps an auth failure twice)."""
+    parts = []
+    while error is not None and len(parts) < 10:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return " | ".join(parts)
+
+
+def _first_line(error: BaseException | str) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
