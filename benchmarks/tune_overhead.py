@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -76,18 +75,15 @@ def plain(cfg: Config, prepared: Prepared, pairs: list[Pair]) -> dict[Pair, floa
 def ray_tune(cfg: Config, prepared: Prepared) -> tuple[dict[Pair, float], dict[str, float]]:
     """(BG, FG) -> final objective from `run_stage1`, and the times: mlflow, init, stage1."""
     from tune import tracking
-    from tune.search import _begin, _ray, run_stage1, search_folder
+    from tune.search import begin_search, ray_session, run_stage1, search_folder
 
-    # what run_search sets for every search (resume loses no trial): the same Tune snapshots
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     folder = search_folder(cfg)
     start = time.perf_counter()
-    state = _begin(cfg, folder, None)
+    state = begin_search(cfg, folder, None)
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     times = {"mlflow": time.perf_counter() - start}
     start = time.perf_counter()
-    with _ray(None, uri, parent):
+    with ray_session(None, uri, parent):
         times["init"] = time.perf_counter() - start
         start = time.perf_counter()
         table = run_stage1(cfg, prepared, folder, uri, parent)

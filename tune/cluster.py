@@ -42,12 +42,9 @@ def resolve_address(address: str | None) -> str | None:
     return None if address in (None, "local") else address
 
 
-def connect(address: str, *, timeout_s: float = 5.0) -> None:
-    """``ray.init`` on a running cluster; what goes wrong becomes a one-line `UserError`.
-
-    A TCP probe first: with nothing listening Ray retries for many minutes before it gives up.
-    An address Ray cannot parse, or a refused token, comes back from ``ray.init`` at once or after
-    about 20 s."""
+def probe(address: str, *, timeout_s: float = 5.0) -> None:
+    """A `UserError` at once when nothing listens at ``HOST:PORT`` (Ray itself would retry for
+    many minutes): a search checks this before its stage 0, not after."""
     hostport = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d+)", address)
     if hostport:
         host, port = hostport.group(1), int(hostport.group(2))
@@ -57,6 +54,13 @@ def connect(address: str, *, timeout_s: float = 5.0) -> None:
             raise UserError(f"no Ray cluster answers at {address} ({e.strerror or e}): start "
                             f"its head (scripts/start-head.sh) or fix --address/RAY_ADDRESS "
                             f"(HOST:PORT of the head, port 6379 by default); {GUIDE}") from None
+
+
+def connect(address: str, *, timeout_s: float = 5.0) -> None:
+    """``ray.init`` on a running cluster; what goes wrong becomes a one-line `UserError`.
+    An address Ray cannot parse, or a refused token, comes back from ``ray.init`` at once or after
+    about 20 s."""
+    probe(address, timeout_s=timeout_s)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True)

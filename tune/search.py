@@ -261,7 +261,7 @@ def search_folder(cfg: Config) -> Path:
 STATE_FILE = "search.json"
 
 
-def _begin(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[str, Any]:
+def begin_search(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[str, Any]:
     """A new search: its folder, MLflow parent run and the state a resume needs (atomic)."""
     if (folder / STATE_FILE).exists():
         raise UserError(f"search folder {folder} already holds a search: resume it with "
@@ -301,12 +301,17 @@ def _folders(cfg: Config, folder: Path) -> tuple[dict[str, Path], dict[str, Path
 
 
 @contextmanager
-def _ray(address: str | None, uri: str, parent: str, shared: dict[str, Path] | None = None,
-         present: dict[str, Path] | None = None) -> Iterator[None]:
+def ray_session(address: str | None, uri: str, parent: str,
+                shared: dict[str, Path] | None = None,
+                present: dict[str, Path] | None = None) -> Iterator[None]:
     """One stage's Ray session: a local cluster unless ``address`` (or ``RAY_ADDRESS``) names
     one, whose nodes must then all read the ``shared`` folders, find the ``present`` ones and
     reach ``uri`` (checked before any trial starts); afterwards every child run a stopped trial
     left RUNNING is closed."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # DESIGN §6: resume loses no trial
+    # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables
     address = cluster.resolve_address(address)
     if address is None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
@@ -327,19 +332,17 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
     """Stage 0 and stage 1, then promotion to ``candidates.json`` in the search folder; an
     MLflow parent run for the search with a child per trial. ``resume`` continues a search that
     was killed: finished trials are not rerun, stopped ones continue from their checkpoint."""
+    if (cluster_address := cluster.resolve_address(address)) is not None:
+        cluster.probe(cluster_address)  # a wrong address fails now, not after stage 0
     folder = search_folder(cfg)
-    state = load_state(folder) if resume else _begin(cfg, folder, tracking_uri)
+    state = load_state(folder) if resume else begin_search(cfg, folder, tracking_uri)
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     if resume:
         tracking.reopen(uri, parent)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # DESIGN §6: resume loses no trial
-    # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables
     status = "FAILED"
     try:
         prepared = stage0(cfg, cfg.affinity)
-        with _ray(address, uri, parent, *_folders(cfg, folder)):
+        with ray_session(address, uri, parent, *_folders(cfg, folder)):
             table = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
         write_csv_atomic(table, folder / "stage1.csv")
         search = cfg.search
@@ -351,7 +354,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
                                              "mlflow_run_id"]].to_dict(orient="records")}
         write_json_atomic(folder / "candidates.json", summary)
         if search.stage2:
-            with _ray(address, uri, parent, *_folders(cfg, folder)):
+            with ray_session(address, uri, parent, *_folders(cfg, folder)):
                 candidates = run_stage2(cfg, candidates, prepared, folder, uri, parent)
             write_csv_atomic(candidates.drop(columns=["checkpoint"]), folder / "stage2.csv")
         selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
