@@ -15,7 +15,7 @@
 #
 # The cluster token is made here (`ray get-auth-token --generate`, saved to ~/.ray/auth_token)
 # unless RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH already gives one. Every worker and every driver
-# needs the same token and RAY_AUTH_MODE=token (see scripts/CLUSTER.md).
+# needs the same token and RAY_AUTH_MODE=token (see README.md, "Run on a cluster").
 set -euo pipefail
 
 export RAY_AUTH_MODE=token

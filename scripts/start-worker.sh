@@ -5,7 +5,7 @@
 #
 # Needs the head's token first: ~/.ray/auth_token copied from the head, or RAY_AUTH_TOKEN (or
 # RAY_AUTH_TOKEN_PATH) set. wsss-tune must be installed here in the same environment as on the
-# head, and runtime.runs_root must be mounted at the same path (see scripts/CLUSTER.md).
+# head, and runtime.runs_root must be mounted at the same path (see README.md, "Run on a cluster").
 #
 # Environment (defaults in brackets):
 #   RAY_NODE_IP   this machine's address as the other nodes reach it   [Ray's guess]

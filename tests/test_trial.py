@@ -104,3 +104,37 @@ def test_crf_trial_learns_from_cleaned_regions(ci_config, ci_prepared):
     assert any(differ)
     (m,) = run_trial(0.2, 0.45, ci_prepared, spec, trial=crf_trial)
     assert 0 <= m["tecm"] <= 2 and 0 < m["pqs_pseudo"] < 1
+
+
+def test_train_split_without_masks_gives_the_weakly_supervised_metrics(ci_config, ci_prepared,
+                                                                      tmp_path):
+    """TECM needs no ground truth: with image-level labels from `cls_labels.npy` and no train
+    masks, a trial reports the same objectives and NPRs, and no PQS/mIoU."""
+    from wsss.errors import UserError
+    from wsss.pipeline import Prepared, initial_surface
+
+    src, root = ci_config.data.root, tmp_path / "no-train-masks"
+    root.mkdir()
+    for name in ("JPEGImages", "ImageSets", "classes.txt"):
+        (root / name).symlink_to(src / name)
+    (root / "SegmentationClass").mkdir()
+    val = ci_config.data.open("val")
+    for i in range(len(val)):  # the val split keeps its ground truth
+        (root / "SegmentationClass" / val.mask_path(i).name).symlink_to(val.mask_path(i))
+    train = ci_prepared.train
+    n_fg = train.num_classes - 1
+    np.save(root / "cls_labels.npy", {train.ids[i]: np.isin(np.arange(1, n_fg + 1),
+                                                            train.labels(i)).astype(np.float32)
+                                      for i in range(len(train))})
+    data = ci_config.data.model_copy(update={"root": root, "synthetic": None,
+                                             "cls_labels": root / "cls_labels.npy"})
+    prepared = Prepared.open(data, ci_prepared.cams.path, ci_prepared.features.path)
+    assert not prepared.train.has_masks and ci_prepared.train.has_masks
+    spec = ci_config.affinity.model_copy(update={"epochs": 1})
+    blind = list(run_trial(0.15, 0.4, prepared, spec))[-1]
+    seen = list(run_trial(0.15, 0.4, ci_prepared, spec))[-1]
+    assert set(blind) == {"epoch", "affinity_loss", "tecm", "tecm_pooled", "degenerate",
+                          "npr_initial", "npr_pseudo", "n_to_b", "n_to_f"}
+    assert all(blind[k] == seen[k] for k in blind)
+    with pytest.raises(UserError, match="the train split has no masks"):
+        initial_surface(prepared, [(0.1, 0.3)])

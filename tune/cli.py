@@ -222,9 +222,11 @@ def cmd_trial(args: argparse.Namespace) -> None:
     rows = []
     for metrics in run_trial(args.bg, args.fg, prepared, cfg.affinity, trial=trial):
         rows.append(metrics)
-        print(f"epoch {metrics['epoch']}: TECM {metrics['tecm']:.4f}, "
-              f"PQS {metrics['pqs_initial']:.2%} -> {metrics['pqs_pseudo']:.2%}", flush=True)
-    table = pd.DataFrame(rows)[list(TRIAL_COLUMNS)]
+        pqs = (f", PQS {metrics['pqs_initial']:.2%} -> {metrics['pqs_pseudo']:.2%}"
+               if "pqs_pseudo" in metrics else "")  # ground truth: validation only
+        print(f"epoch {metrics['epoch']}: TECM {metrics['tecm']:.4f}{pqs}", flush=True)
+    table = pd.DataFrame(rows)
+    table = table[[c for c in TRIAL_COLUMNS if c in table]]
     print(f"\ntrial (BG, FG) = ({args.bg}, {args.fg}) on {len(prepared.features)} train images"
           f"{' (degenerate: no neutral pixel)' if rows[-1]['degenerate'] else ''}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -30,7 +30,7 @@ from wsss.errors import UserError
 
 log = logging.getLogger("tune")
 
-GUIDE = "see scripts/CLUSTER.md"
+GUIDE = "see README.md, 'Run on a cluster'"
 TOKEN_PREFIX = ".wsss-tune-check-"
 
 

@@ -146,7 +146,7 @@ class SegDataset:
         self.class_names = self._read_class_names(class_names)
         self.num_classes = len(self.class_names)
         self.cls_labels_path = None if cls_labels is None else Path(cls_labels)
-        self._check_files(require_masks or cls_labels is None)
+        self.has_masks = self._check_files(require_masks or cls_labels is None)
         self._labels: list[np.ndarray | None] = [None] * len(self.ids)
         if self.cls_labels_path is not None:
             self._labels = list(self._read_cls_labels(self.cls_labels_path))
@@ -176,19 +176,23 @@ class SegDataset:
             raise DataError(f"{source}: expected 'background' then at least one class name")
         return names
 
-    def _check_files(self, need_masks: bool) -> None:
-        """List each folder once rather than stat every file: fast on network disks."""
-        folders = [("JPEGImages", ".jpg")] + ([(self.mask_dir, ".png")] if need_masks else [])
-        missing: list[Path] = []
-        for folder, ext in folders:
+    def _check_files(self, need_masks: bool) -> bool:
+        """Whether every image has its mask (ground truth); a missing image, or a missing mask
+        when ``need_masks``, is an error. Each folder is listed once rather than every file
+        stat'ed: fast on network disks."""
+        missing: dict[str, list[Path]] = {}
+        for folder, ext in (("JPEGImages", ".jpg"), (self.mask_dir, ".png")):
             directory = self.root / folder
             present = set(os.listdir(directory)) if directory.is_dir() else set()
-            missing += [directory / f"{i}{ext}" for i in self.ids if f"{i}{ext}" not in present]
-        if missing:
+            missing[folder] = [directory / f"{i}{ext}" for i in self.ids
+                               if f"{i}{ext}" not in present]
+        lost = missing["JPEGImages"] + (missing[self.mask_dir] if need_masks else [])
+        if lost:
             raise DataError(
-                f"{missing[0]} not found ({len(missing)} files missing for the "
+                f"{lost[0]} not found ({len(lost)} files missing for the "
                 f"{len(self.ids)} ids of {self.split_file})"
             )
+        return not missing[self.mask_dir]
 
     def _read_cls_labels(self, path: Path) -> list[np.ndarray]:
         try:
@@ -389,7 +393,8 @@ class DataSpec(Spec):
         raise ValueError(f"unknown split role {which!r}")
 
     def open(self, which: str, *, require_masks: bool = True) -> SegDataset:
-        """The ``train`` or ``val`` split as a `SegDataset`."""
+        """The ``train`` or ``val`` split as a `SegDataset`. Without ``require_masks`` (and
+        with ``cls_labels`` for the image-level labels) masks may be absent: ``has_masks``."""
         split, file = self._split(which)
         return SegDataset(self.root, split, mask_dir=self.mask_dir, split_file=file,
                           cls_labels=self.cls_labels, class_names=self.class_names,

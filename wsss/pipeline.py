@@ -75,8 +75,8 @@ class Prepared:
              classifier_path: Path | None = None) -> Prepared:
         """Reopen what `prepare` built (read-only memory maps, no hashing, no training): how a
         search's trial workers, on any node that reads the same paths, get their inputs."""
-        return cls(train=data.open("train"), val=None, classifier_path=classifier_path,
-                   cams=CamStore(cams),
+        return cls(train=data.open("train", require_masks=False), val=None,
+                   classifier_path=classifier_path, cams=CamStore(cams),
                    features=None if features is None else FeatureStore(features))
 
     def with_live_features(self, affinity: AffinitySpec, device: str = "auto") -> Prepared:
@@ -245,7 +245,7 @@ def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root
     """Datasets, classifier and CAM store, each reused from ``cache_root`` when still valid;
     with ``affinity`` given, a feature store of the images trials use (``affinity.subset``)."""
     data.ensure()
-    train = data.open("train")
+    train = data.open("train", require_masks=False)  # TECM needs no ground truth
     val = data.open("val") if data.has_split("val") else None
     dev = resolve_device(device)
     fingerprint = train.fingerprint()
@@ -282,6 +282,9 @@ def initial_surface(prepared: Prepared, pairs: Sequence[tuple[float, float]],
                     subset: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Initial-region metrics of every pair over the train split (or its first ``subset``)."""
     train, store = prepared.train, prepared.cams
+    if not train.has_masks:
+        raise UserError(f"the surface scores initial regions against ground truth, and the "
+                        f"train split has no masks in {train.root / train.mask_dir}")
     n = len(train) if subset is None else min(subset, len(train))
     idx = [store.position(train.ids[i]) for i in range(n)]
     scores = (store.scores(j) for j in tqdm(idx, desc="surface", unit="img", disable=not progress))
@@ -317,7 +320,7 @@ class AffinityTrial:
                                            weight_decay=spec.weight_decay)
         self.epoch = 0
         self._label_cache: dict[int, np.ndarray] = {}
-        self._eval_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._eval_cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self._eval_bytes = 0
         self._conf_initial: np.ndarray | None = None
 
@@ -338,14 +341,15 @@ class AffinityTrial:
         return [torch.from_numpy(np.stack([lv[j] for lv in levels])).float().to(self.device)
                 for j in range(len(levels[0]))]
 
-    def _initial_and_truth(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image k's initial regions and ground truth at image size. Both are the same every
-        epoch, so they are kept (up to `EVAL_CACHE_BYTES` per trial; beyond it recomputed):
-        decoding masks and thresholding CAMs took ~20% of a demo epoch."""
+    def _initial_and_truth(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image k's initial regions and ground truth (None without masks) at image size. Both
+        are the same every epoch, so they are kept (up to `EVAL_CACHE_BYTES` per trial; beyond
+        it recomputed): decoding masks and thresholding CAMs took ~20% of a demo epoch."""
         if k in self._eval_cache:
             return self._eval_cache[k]
-        found = self._initial(k), self.prepared.train.mask(self.train_index[k])
-        size = found[0].nbytes + found[1].nbytes
+        train = self.prepared.train
+        found = self._initial(k), train.mask(self.train_index[k]) if train.has_masks else None
+        size = sum(a.nbytes for a in found if a is not None)
         if self._eval_bytes + size <= EVAL_CACHE_BYTES:
             self._eval_cache[k] = found
             self._eval_bytes += size
@@ -413,7 +417,8 @@ class AffinityTrial:
                 yield k, pseudo
 
     def evaluate(self) -> dict[str, float]:
-        """The trial's metrics (DESIGN §4 names) over its images, pooled where pooled."""
+        """The trial's metrics (DESIGN §4 names) over its images, pooled where pooled; those
+        that need ground truth only where the train split has masks."""
         c = self.prepared.train.num_classes
         first = self._conf_initial is None  # the initial regions' confusion never changes
         conf_i = np.zeros((c, c + 1), np.int64)
@@ -421,9 +426,10 @@ class AffinityTrial:
         counts = []
         for k, pseudo in self._refined():
             initial, gt = self._initial_and_truth(k)
-            if first:
-                conf_i += confusion(initial, gt, c)
-            conf_p += confusion(pseudo, gt, c)
+            if gt is not None:
+                if first:
+                    conf_i += confusion(initial, gt, c)
+                conf_p += confusion(pseudo, gt, c)
             counts.append(transition_counts(initial, pseudo))
         if first:
             self._conf_initial = conf_i
@@ -432,11 +438,15 @@ class AffinityTrial:
         degenerate = not any(x["neutral_initial"] for x in counts)
         initial = region_metrics(conf_i, pixels, sum(x["neutral_initial"] for x in counts))
         pseudo = region_metrics(conf_p, pixels, sum(x["neutral_refined"] for x in counts))
-        return {
+        unsupervised = {
             **all_objectives(counts), "degenerate": float(degenerate),
             "npr_initial": initial["npr"], "npr_pseudo": pseudo["npr"],
             "n_to_b": sum(x["n_to_b"] for x in counts) / pixels,
-            "n_to_f": sum(x["n_to_f"] for x in counts) / pixels,
+            "n_to_f": sum(x["n_to_f"] for x in counts) / pixels}
+        if not self.prepared.train.has_masks:
+            return unsupervised
+        return {
+            **unsupervised,
             "miou_nn_initial": initial["miou_nn"], "miou_nn_pseudo": pseudo["miou_nn"],
             "pqs_initial": initial["pqs"], "pqs_pseudo": pseudo["pqs"],
             "pqs_avg": (initial["pqs"] + pseudo["pqs"]) / 2, "miou_pseudo": pseudo["miou"],
