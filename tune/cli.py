@@ -320,8 +320,9 @@ def print_result(cfg: Config, out: dict, seconds: float) -> None:
     print("PQS: mean of the initial regions' and the pseudo-labels' PQS on the trial images; "
           "PQS and val mIoU use ground truth (validation only, never the objective)")
     folder, uri = out["folder"], out["tracking_uri"]
-    print(f"\nsearch folder: {folder}  (selection.json, thresholds.yaml, stage1.csv, "
-          f"stage2.csv)")
+    files = [n for n in ("selection.json", "thresholds.yaml", "stage1.csv", "stage2.csv")
+             if (Path(folder) / n).exists()]
+    print(f"\nsearch folder: {folder}  ({', '.join(files)})")
     if uri.startswith("sqlite:"):
         mlflow = Path(sys.executable).with_name("mlflow")
         print(f"MLflow:        {mlflow} ui --backend-store-uri {uri}  -> http://127.0.0.1:5000 "

@@ -63,7 +63,7 @@ def connect(address: str, *, timeout_s: float = 5.0) -> None:
     probe(address, timeout_s=timeout_s)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True)
+                 ignore_reinit_error=True, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError, ray.exceptions.RayError) as e:
         ray.shutdown()  # whatever a half-done connection left behind
         if isinstance(e, ValueError):

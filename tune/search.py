@@ -315,7 +315,8 @@ def ray_session(address: str | None, uri: str, parent: str,
     address = cluster.resolve_address(address)
     if address is None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, num_cpus=max(1, os.cpu_count() or 1))
+                 ignore_reinit_error=True, num_cpus=max(1, os.cpu_count() or 1),
+                 logging_level=logging.WARNING)  # our progress lines say what happens
     else:
         cluster.connect(address)
     try:
