@@ -52,7 +52,7 @@ Ray head at ${host}:${PORT} (${how}), token authentication on.
 1. Give each worker machine the token:
      ${give}
 2. Start each worker:    scripts/start-worker.sh ${host}:${PORT}
-3. Search from a machine with the token:
+3. Search from this machine, or from a node joined as in 2 (Ray's driver must run on a node):
      export RAY_AUTH_MODE=token
      wsss-tune search --config CONFIG --address ${host}:${PORT} --tracking-uri http://MLFLOW_HOST:5000
 INFO

@@ -27,6 +27,16 @@ def test_promote_global_and_per_bg_with_deterministic_ties():
     assert list(zip(p.bg, p.fg)) == [(0.1, 0.2), (0.05, 0.3), (0.2, 0.3)]  # one FG per BG
 
 
+def test_failed_trials_are_never_promoted_and_trials_without_gpus_run_on_cpu():
+    from tune.search import trial_device
+
+    t = table([(0.1, 0.2, 0.9, 0, 3), (0.1, 0.3, 0.95, 0, 3)]).assign(failed=[0, 1])
+    assert list(zip(*promote(t, k=2, policy="global", epochs=3)[["bg", "fg"]].values.T)) == [
+        (0.1, 0.2)]
+    assert trial_device("auto", 0) == "cpu" and trial_device("auto", 0.25) == "auto"
+    assert trial_device("cpu", 1) == "cpu"
+
+
 def test_promote_fewer_than_k_warns_and_none_is_an_error(caplog):
     t = table([(0.1, 0.2, 0.9, 0, 3), (0.2, 0.2, 1.0, 1, 3)])
     assert len(promote(t, k=3, policy="global", epochs=3)) == 1
@@ -141,6 +151,8 @@ def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
     assert selection["regret_val_miou"] >= 0
     assert (f"selected (BG, FG) = ({pair[0]:g}, {pair[1]:g}) by tecm (no ground truth used)"
             in printed)
+    assert f"regret of the pick {100 * selection['regret_val_miou']:.2f} points" in printed
+    assert f"val mIoU {selection['metrics']['val_miou']:.2%}" in printed
     assert all(r["stage2_checkpoint"] for r in selection["ranked"])  # the trained DeepLabv3+
     assert {"stage1.csv", "candidates.json", "selection.json", "thresholds.yaml"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -171,20 +183,25 @@ def _kill_when(args: list[str], cwd, ready, what: str, limit: float = 300) -> No
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "tune.cli", *args], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = cwd / f"search-{time.time_ns()}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tune.cli", *args], cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + limit
     try:
         while time.time() < deadline:
             if ready():
                 time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S: Tune has recorded what finished
                 return
-            assert proc.poll() is None, f"the search ended before {what}"
+            assert proc.poll() is None, (f"the search ended before {what}:\n"
+                                         f"{log.read_text()[-3000:]}")
             time.sleep(0.5)
         raise AssertionError(f"not {what} within {limit} s")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended by itself (the assertion above says how)
+            pass
         proc.wait()
 
 
@@ -283,3 +300,28 @@ def test_reselect_says_which_candidates_never_reached_stage_two(tmp_path, capsys
     assert main(["select", str(folder), "--policy", "per_bg"]) == 0
     assert "never reached stage 2 (no val mIoU): (0.2, 0.4)" in capsys.readouterr().out
     assert main(["select", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_failed_trial_is_marked_failed_in_mlflow_and_said_in_one_line(tmp_path, caplog):
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from tune import tracking
+    from tune.search import _failure
+
+    uri = tracking.default_uri(tmp_path)
+    parent = tracking.start_parent(uri, "s", {"a": 1}, {})
+    child = tracking.start_child(uri, parent, 2, "pair-0.1-0.3", 0.1, 0.3)
+    crash = RuntimeError("Traceback (most recent call last):\n  ...\nCUDA out of memory\n")
+    result = tune.Result(metrics={"bg": 0.1, "fg": 0.3, "mlflow_run_id": child,
+                                  "training_iteration": 4}, checkpoint=None, error=crash,
+                         path=str(tmp_path))
+    assert _failure(result, 2, uri) == "CUDA out of memory"
+    assert MlflowClient(uri).get_run(child).info.status == "FAILED"
+    assert "stage-2 trial (0.1, 0.3) failed after 4 epochs and is not ranked" in caplog.text
+    assert tracking.close_children(uri, parent) == 0  # not re-closed as a finished stop
+    clean = tune.Result(metrics=result.metrics, checkpoint=None, error=None, path=str(tmp_path))
+    assert _failure(clean, 2, uri) is None
+    early = tune.Result(metrics=None, checkpoint=None, error=crash, path=str(tmp_path))
+    with pytest.raises(UserError, match="failed before its first report: CUDA out of memory"):
+        _failure(early, 1, uri)

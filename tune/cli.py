@@ -7,6 +7,7 @@ Each command parses flags, loads the config and calls one library function. User
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -242,7 +243,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     if args.resume is not None:
         given = [f for f, v in (("--config", args.config), ("--data", args.data),
-                                ("--space", args.space), ("--set", args.overrides)) if v]
+                                ("--space", args.space), ("--set", args.overrides),
+                                ("--tracking-uri", args.tracking_uri)) if v]
         if given:
             raise UserError(f"--resume continues a search with its saved config: drop "
                             f"{', '.join(given)}")
@@ -253,7 +255,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     elif args.config is None:
         raise UserError("search needs --config (a new search) or --resume RUN_DIR")
     else:
-        shortcuts = ([f"data.root={args.data}", "data.synthetic=null"] if args.data else []) + (
+        data = json.dumps(str(args.data))  # a path as is (YAML would read "2012" as a number)
+        shortcuts = ([f"data.root={data}", "data.synthetic=null"] if args.data else []) + (
             [f"search.space={args.space}"] if args.space else [])
         cfg = load_config(args.config, [*shortcuts, *args.overrides])
     start = time.perf_counter()
@@ -370,8 +373,6 @@ def cmd_import_cams(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import json
-
     from wsss.interop import evaluate_folder
 
     result = evaluate_folder(args.pred, _dataset(args), args.protocol)

@@ -68,6 +68,10 @@ def connect(address: str, *, timeout_s: float = 5.0) -> None:
         ray.shutdown()  # whatever a half-done connection left behind
         if isinstance(e, ValueError):
             hint = "give the head's HOST:PORT, e.g. --address 10.0.0.1:6379"
+        elif "no node info found" in _chain(e).lower():
+            hint = ("this machine is not a node of that cluster: a driver must run on the head "
+                    "or on a node joined with scripts/start-worker.sh (RAY_NUM_CPUS=0 keeps "
+                    "trials off it)")
         elif "auth" in _chain(e).lower():
             hint = ("the cluster uses token authentication: export RAY_AUTH_MODE=token and give "
                     "this machine the head's token (run `ray get-auth-token` on the head, then "
@@ -82,17 +86,18 @@ def connect(address: str, *, timeout_s: float = 5.0) -> None:
 def check_cluster(shared: Mapping[str, Path], tracking_uri: str, *,
                   present: Mapping[str, Path] | None = None, timeout_s: float = 60.0,
                   settle_s: float = 10.0) -> None:
-    """Raise `UserError` unless every alive node reads each ``shared`` folder (name -> path) at
-    the same path, finds each ``present`` folder (read-only inputs such as the dataset: a copy
-    at the same path will do, so only its top-level names are compared), and reaches
-    ``tracking_uri``.
+    """Raise `UserError` unless every alive node with CPUs reads each ``shared`` folder (name ->
+    path) at the same path, finds each ``present`` folder (read-only inputs such as the dataset:
+    a copy at the same path will do, so only its top-level names are compared), and reaches an
+    http(s) ``tracking_uri``.
 
     An http(s) tracking URI is called from every node (the same client calls the trials make). A
     SQLite or file store is checked only on a cluster of several nodes, where its folder must be
     shared too: a store on a node-local disk would split the runs; even shared, SQLite takes few
     concurrent writers, so a tracking server is recommended there. ``timeout_s`` bounds the
     wait for the nodes' answers; ``settle_s`` how long a node looks again for a missing file."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    # the nodes that can run trials (a head started with no CPUs runs none)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0)]
     folders = {name: Path(path).absolute() for name, path in shared.items()}
     store = local_store(tracking_uri)
     if store is not None and len(nodes) > 1:

@@ -64,7 +64,8 @@ class SearchConfig(Section):
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0, description="stage 1: a fraction shares a GPU "
-                                                         "(0.25: four trials on one GPU)")
+                                                         "(0.25: four trials on one GPU); 0: "
+                                                         "trials run on CPU")
     stage2_gpus_per_trial: float | None = Field(
         None, ge=0, description="stage 2 (DeepLabv3+); None: 1 where the cluster has GPUs")
     stage2_cpus_per_trial: float | None = Field(None, gt=0, description="None: cpus_per_trial")

@@ -22,32 +22,34 @@ def say(line: str) -> None:
 
 
 class Stage1Progress(Callback):
-    """One line per ended trial: its pair, epochs trained, objective, and the best so far."""
+    """One line per ended trial: its pair, epochs trained, objective, and the best so far.
+    Counts come from Tune's trial list, not from state kept here: a resumed search restores
+    this callback as it was when the search began."""
 
     def __init__(self, total: int, epochs: int, objective: str, write: Write = say) -> None:
         self.total, self.epochs, self.objective, self.write = total, epochs, objective, write
-        self.done = 0
-        self.best: tuple[float, float, float] | None = None
         self.start = time.perf_counter()
+
+    def _finished(self, result: dict) -> bool:
+        return (int(result.get("training_iteration", 0)) >= self.epochs
+                and not result.get("degenerate") and self.objective in result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         if "bg" not in result:
             return
-        self.done += 1
+        ended = [t for t in trials if t is trial or t.status in ("TERMINATED", "ERROR")]
         bg, fg, epochs = result["bg"], result["fg"], int(result["training_iteration"])
         if result.get("degenerate"):
             what = "degenerate (no neutral pixel): never promoted"
         else:
-            value = result[self.objective]
-            finished = epochs >= self.epochs
-            what = (f"{self.objective} {value:.4f}  " + (f"{epochs} epochs" if finished else
-                                                           f"stopped early after {epochs}"))
-            if finished and (self.best is None or value > self.best[2]):
-                self.best = (bg, fg, value)
-        best = "" if self.best is None else (
-            f"   best ({self.best[0]:.2f}, {self.best[1]:.2f}) {self.best[2]:.4f}")
-        self.write(f"  [{self.done:>3}/{self.total}] {time.perf_counter() - self.start:6.0f} s  "
+            what = (f"{self.objective} {result[self.objective]:.4f}  " + (
+                f"{epochs} epochs" if self._finished(result) else
+                f"stopped early after {epochs}"))
+        scored = [(t.last_result[self.objective], t.last_result["bg"], t.last_result["fg"])
+                  for t in ended if self._finished(t.last_result or {})]
+        best = "" if not scored else "   best ({1:.2f}, {2:.2f}) {0:.4f}".format(*max(scored))
+        self.write(f"  [{len(ended):>3}/{self.total}] {time.perf_counter() - self.start:6.0f} s  "
                    f"({bg:.2f}, {fg:.2f})  {what}{best}")
 
 

@@ -1,6 +1,9 @@
-"""The search driver: stage 0 (prepare), stage 1 (TECM trials under Ray Tune), promotion.
+"""The search driver: stage 0 (prepare), stage 1 (TECM trials under Ray Tune), promotion,
+stage 2 (DeepLabv3+ on the candidates), selection.
 
-Promotion is a pure function of the stage-1 table, so it can be re-run (and tested) without Ray.
+Promotion and selection are pure functions of the stage tables, so they can be re-run (and
+tested) without Ray. A trial that fails is never ranked: it is marked failed (in its table and
+its MLflow run), and ``--resume`` retries it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
 from wsss.pipeline import AffinityTrial, Prepared, digest, prepare
 from wsss.pseudo_labels import export_labels
+from wsss.segmentation import build_model
 from wsss.store import write_csv_atomic, write_json_atomic
 
 log = logging.getLogger("tune")
@@ -53,6 +57,12 @@ def stage1_space(search: SearchConfig) -> tuple[dict[str, Any], OptunaSearch | N
     return {}, algo, search.num_samples
 
 
+def trial_device(device: str, gpus: float) -> str:
+    """A trial uses a GPU only when Ray gave it one: Ray leaves ``CUDA_VISIBLE_DEVICES`` alone
+    for a trial without GPUs, so ``auto`` would put every such trial on GPU 0 unaccounted."""
+    return device if gpus > 0 else "cpu"
+
+
 def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: str,
                parent_run_id: str, resume: bool = False) -> pd.DataFrame:
     """Run every stage-1 trial under Ray Tune; returns one row per trial (its last report)."""
@@ -64,14 +74,15 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
                                   grace_period=min(search.grace_period, cfg.affinity.epochs),
                                   reduction_factor=search.reduction_factor)
     context = trial_context(cfg.data, cfg.affinity, prepared, search.objective, threads,
-                            tracking_uri, parent_run_id, cfg.runtime.device)
+                            tracking_uri, parent_run_id,
+                            trial_device(cfg.runtime.device, search.gpus_per_trial))
     trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
                                     {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
     stage_dir = search_dir / "stage1"
     if resume and tune.Tuner.can_restore(str(stage_dir)):
         tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
                                    restart_errored=True)
-        return _trials_table(tuner.fit())
+        return _trials_table(tuner.fit(), tracking_uri)
     total = len(param_space["pair"]["grid_search"]) if param_space else num_samples
     if cfg.runtime.progress:
         say(f"stage 1: {total} trials ({search.space} space), objective {search.objective}, "
@@ -88,18 +99,36 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
         run_config=tune.RunConfig(name="stage1", storage_path=str(search_dir),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=callbacks, verbose=0))
-    return _trials_table(tuner.fit())
+    return _trials_table(tuner.fit(), tracking_uri)
 
 
-def _trials_table(results: tune.ResultGrid) -> pd.DataFrame:
-    """One row per trial: its id, MLflow run and the metrics of its last report."""
+def _failure(result: tune.Result, stage: int, tracking_uri: str) -> str | None:
+    """None for a trial that ran without error; else one line saying why, with its MLflow run
+    marked FAILED (a stopped trial's run is closed as FINISHED, this one must not be)."""
+    if result.error is None:
+        return None
+    lines = [line for line in str(result.error).splitlines() if line.strip()]
+    reason = lines[-1].strip() if lines else type(result.error).__name__
+    metrics = result.metrics or {}
+    if "bg" not in metrics:
+        raise UserError(f"a stage-{stage} trial failed before its first report: {reason} "
+                        f"(its log: {result.path}/error.txt)")
+    tracking.finish(tracking_uri, metrics["mlflow_run_id"], "FAILED")
+    log.warning("stage-%d trial (%g, %g) failed after %d epochs and is not ranked: %s "
+                "(wsss-tune search --resume retries it)", stage, metrics["bg"], metrics["fg"],
+                metrics.get("training_iteration", 0), reason)
+    return reason
+
+
+def _trials_table(results: tune.ResultGrid, tracking_uri: str) -> pd.DataFrame:
+    """One row per trial: its id, MLflow run, whether it failed and its last report."""
     rows = []
     for result in results:
-        if result.metrics is None or "bg" not in result.metrics:
-            raise UserError(f"a stage-1 trial failed before its first epoch: {result.error}")
+        failed = _failure(result, 1, tracking_uri) is not None
         rows.append({"trial_id": result.metrics["trial_id"],
                      "mlflow_run_id": result.metrics["mlflow_run_id"],
-                     "checkpoint": result.checkpoint.path if result.checkpoint else None, **{
+                     "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                     "failed": int(failed), **{
             k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k not in (
                 "timestamp", "pid", "time_since_restore", "iterations_since_restore")}})
     return pd.DataFrame(rows).sort_values(["bg", "fg"], ignore_index=True)
@@ -111,15 +140,16 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
     candidate with its last ``val_miou`` and the checkpoint holding its trained model."""
     search = cfg.search
     cpus = search.stage2_cpus_per_trial or search.cpus_per_trial
+    gpus = search.stage2_gpus_per_trial
+    if gpus is None:  # a whole GPU per DeepLabv3+ training wherever the cluster has one
+        gpus = (1.0 if cfg.runtime.device != "cpu"
+                and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
     context = {**trial_context(cfg.data, cfg.affinity, prepared, search.objective,
                                max(1, int(cpus)), tracking_uri, parent_run_id,
-                               cfg.runtime.device),
+                               trial_device(cfg.runtime.device, gpus)),
                "segmentation": cfg.segmentation.model_dump(mode="json")}
     grid = [{"bg": r.bg, "fg": r.fg, "checkpoint": r.checkpoint}
             for r in candidates.itertuples()]
-    gpus = search.stage2_gpus_per_trial
-    if gpus is None:  # a whole GPU per DeepLabv3+ training wherever the cluster has one
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
                                     {"cpu": cpus, "gpu": gpus})
     stage_dir = search_dir / "stage2"
@@ -142,12 +172,12 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
                 else []))
     rows = []
     for result in tuner.fit():
-        if result.metrics is None or "bg" not in result.metrics:
-            raise UserError(f"a stage-2 trial failed: {result.error}")
-        rows.append({"bg": result.metrics["bg"], "fg": result.metrics["fg"],
-                     "val_miou": result.metrics.get("val_miou", float("nan")),
-                     "seg_loss": result.metrics["seg_loss"],
-                     "stage2_run_id": result.metrics["mlflow_run_id"],
+        m = result.metrics or {}
+        done = (_failure(result, 2, tracking_uri) is None
+                and m.get("training_iteration", 0) >= cfg.segmentation.epochs)
+        rows.append({"bg": m["bg"], "fg": m["fg"], "stage2_failed": int(not done),
+                     "val_miou": m.get("val_miou", float("nan")) if done else float("nan"),
+                     "seg_loss": m["seg_loss"], "stage2_run_id": m["mlflow_run_id"],
                      "stage2_checkpoint": result.checkpoint.path if result.checkpoint else None})
     return candidates.merge(pd.DataFrame(rows), on=["bg", "fg"], how="left")
 
@@ -155,11 +185,14 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
 def promote(table: pd.DataFrame, *, k: int, policy: str, epochs: int) -> pd.DataFrame:
     """The top-k trials for stage 2 (DESIGN §5).
 
-    Only trials that finished every epoch and are not degenerate qualify. ``global``: the k best
-    by objective; ``per_bg``: the best FG of each BG first, then the k best of those (more
-    diverse). Ties: objective descending, then bg, then fg ascending (deterministic).
+    Only trials that finished every epoch, did not fail and are not degenerate qualify.
+    ``global``: the k best by objective; ``per_bg``: the best FG of each BG first, then the k
+    best of those (more diverse). Ties: objective descending, then bg, then fg ascending
+    (deterministic).
     """
-    finished = table[(table["training_iteration"] >= epochs) & (table["degenerate"] == 0)]
+    failed = table["failed"] if "failed" in table else 0
+    finished = table[(table["training_iteration"] >= epochs) & (table["degenerate"] == 0)
+                     & (failed == 0)]
     if finished.empty:
         stopped = int((table["training_iteration"] < epochs).sum())
         degenerate = int((table["degenerate"] != 0).sum())
@@ -250,7 +283,7 @@ def export_run_labels(folder: Path, out: Path,
     prepared = stage0(cfg, cfg.affinity).with_live_features(cfg.affinity, cfg.runtime.device)
     trial = AffinityTrial(prepared, cfg.affinity, pair[0], pair[1], device=cfg.runtime.device)
     trial.load_state_dict(torch.load(Path(match.iloc[0].checkpoint) / CHECKPOINT_FILE,
-                                     weights_only=False))
+                                     map_location="cpu", weights_only=False))
     return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
 
 
@@ -314,9 +347,10 @@ def ray_session(address: str | None, uri: str, parent: str,
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables
     address = cluster.resolve_address(address)
     if address is None:
+        # Ray counts the CPUs itself (it honours a container's CPU quota; os.cpu_count does
+        # not); its INFO lines are replaced by our progress lines
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, num_cpus=max(1, os.cpu_count() or 1),
-                 logging_level=logging.WARNING)  # our progress lines say what happens
+                 ignore_reinit_error=True, logging_level=logging.WARNING)
     else:
         cluster.connect(address)
     try:
@@ -330,11 +364,13 @@ def ray_session(address: str | None, uri: str, parent: str,
 
 def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | None = None,
                resume: bool = False) -> dict[str, Any]:
-    """Stage 0 and stage 1, then promotion to ``candidates.json`` in the search folder; an
-    MLflow parent run for the search with a child per trial. ``resume`` continues a search that
-    was killed: finished trials are not rerun, stopped ones continue from their checkpoint."""
+    """The whole search: stage 0, stage 1, promotion to ``candidates.json``, stage 2 (unless
+    ``search.stage2`` is off) and selection, in the search folder; an MLflow parent run for the
+    search with a child per trial. ``resume`` continues a search that was killed: finished
+    trials are not rerun, stopped ones continue from their checkpoint."""
     if (cluster_address := cluster.resolve_address(address)) is not None:
-        cluster.probe(cluster_address)  # a wrong address fails now, not after stage 0
+        cluster.connect(cluster_address)  # a wrong address or token fails now, not after stage 0
+        ray.shutdown()
     folder = search_folder(cfg)
     state = load_state(folder) if resume else begin_search(cfg, folder, tracking_uri)
     uri, parent = state["tracking_uri"], state["parent_run_id"]
@@ -343,6 +379,8 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
     status = "FAILED"
     try:
         prepared = stage0(cfg, cfg.affinity)
+        if cfg.search.stage2:  # a wrong encoder or weights file fails now, not after stage 1
+            build_model(cfg.segmentation, prepared.train.num_classes)
         with ray_session(address, uri, parent, *_folders(cfg, folder)):
             table = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
         write_csv_atomic(table, folder / "stage1.csv")

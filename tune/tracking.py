@@ -96,8 +96,9 @@ def start_child(uri: str, parent_id: str, stage: int, trial_id: str, bg: float,
     existing = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent_id}' and "
                                   f"tags.trial_id = '{trial_id}' and tags.stage = '{stage}'")
-    if existing:
-        client.update_run(existing[0].info.run_id, status="RUNNING")
+    if existing:  # a finished run stays finished (a restored trial may have nothing to do)
+        if existing[0].info.status != "FINISHED":
+            client.update_run(existing[0].info.run_id, status="RUNNING")
         return existing[0].info.run_id
     run = client.create_run(parent.info.experiment_id, run_name=f"bg={bg:g} fg={fg:g}",
                             tags={"mlflow.parentRunId": parent_id, "stage": str(stage),

@@ -80,7 +80,7 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     if checkpoint is not None:  # resumed: same weights and epoch (and the same MLflow run)
         with checkpoint.as_directory() as folder:
             trial.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE,
-                                             weights_only=False))
+                                             map_location="cpu", weights_only=False))
     for metrics in run_trial(bg, fg, prepared, spec, trial=trial):
         objective = 0.0 if metrics["degenerate"] else metrics[context["objective"]]
         report = {**metrics, "bg": bg, "fg": fg, "objective": objective}
@@ -113,14 +113,15 @@ def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+            resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu",
+                                weights_only=False)
         if resume["epoch"] >= seg.epochs:  # killed after its last report: nothing to train
             tune.report({**resume["metrics"], "bg": bg, "fg": fg, "mlflow_run_id": run_id})
             return
     trial = AffinityTrial(prepared.with_live_features(spec, device), spec, bg, fg,
                           device=device)
     trial.load_state_dict(torch.load(Path(candidate["checkpoint"]) / CHECKPOINT_FILE,
-                                     weights_only=False))
+                                     map_location="cpu", weights_only=False))
     labels = dict(trial.pseudo_labels())
     data = DataSpec.model_validate(context["data"])
     val = data.open("val") if data.has_split("val") else None
