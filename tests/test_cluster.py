@@ -281,8 +281,9 @@ def test_check_names_a_folder_a_node_cannot_read(on_head, tmp_path, monkeypatch)
                               f"sqlite:///{tmp_path / 'mlflow.db'}",
                               present={"data.root": data}, settle_s=1)
     message = str(error.value)
-    assert message.startswith(f"shared path {search} (search folder) is not readable on node "
-                              "127.0.0.1 (No such file or directory): put runtime.runs_root")
+    assert message.startswith(f"shared path {search} (search folder) is not readable and "
+                              "writable on node 127.0.0.1 (No such file or directory): put "
+                              "runtime.runs_root")
     assert (f"path {data} (data.root) is missing on node 127.0.0.1 (No such file or directory)"
             in message)
     assert str(tmp_path) not in message  # the stores folder is readable: not named

@@ -128,8 +128,8 @@ def check_cluster(shared: Mapping[str, Path], tracking_uri: str, *,
                    if name.startswith("MLflow") else
                    "put runtime.runs_root (stores and search folders) on a shared filesystem "
                    "mounted at the same path on every node")
-            problems.append(f"shared path {path.parent} ({name}) is not readable on node "
-                            f"{', '.join(failed)}: {fix}")
+            problems.append(f"shared path {path.parent} ({name}) is not readable and writable "
+                            f"on node {', '.join(failed)}: {fix}")
     for name, path in inputs.items():
         failed = sorted(f"{ip} ({r['missing'][str(path)]})" for ip, r in results.items()
                         if str(path) in r["missing"])
@@ -207,7 +207,8 @@ def _gather(refs: dict[Any, dict[str, Any]], timeout_s: float) -> dict[str, dict
 @ray.remote(num_cpus=0, max_retries=0)
 def _probe(tokens: dict[str, str], listings: dict[str, list[str]], http_uri: str | None,
            settle_s: float = 10.0, timeout_s: float = 10.0) -> dict[str, Any]:
-    """On one node: which token files are missing or differ, which input folders lack the names
+    """On one node: which token files are missing or differ (or whose folder takes no file
+    from this node), which input folders lack the names
     the driver listed, and why the tracking server cannot be called (None when it can). A
     missing token is looked for again for ``settle_s``: an NFS client may cache a folder's
     listing for some seconds."""
@@ -219,6 +220,10 @@ def _probe(tokens: dict[str, str], listings: dict[str, list[str]], http_uri: str
                 found = Path(path).read_text()
                 if found != expected:
                     unreadable[path] = "another file is there (not the driver's folder)"
+                else:  # trials write checkpoints and stores there too: a read-only mount fails
+                    mine = Path(f"{path}-{os.getpid()}")
+                    mine.write_text(expected)
+                    mine.unlink()
                 break
             except OSError as e:
                 if not isinstance(e, FileNotFoundError) or time.monotonic() > deadline:
