@@ -40,8 +40,8 @@ from typing import Any
 import pandas as pd
 from mlflow import MlflowClient
 
-from tune.config import load_config
-from tune.search import run_search, stage0
+from tune.config import load_config, stage0
+from tune.search import run_search
 from tune.space import grid_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def main() -> None:
     epochs, n_pairs = cfg.affinity.epochs, len(grid_pairs(cfg.search.space, cfg.search.pairs))
     grid_epochs = n_pairs * epochs
     grace, samples = min(cfg.search.grace_period, epochs), args.num_samples
-    stage0(cfg, cfg.affinity)  # the default cache: built on the first run only
+    stage0(cfg)  # the default cache: built on the first run only
     with tempfile.TemporaryDirectory() as tmp:
         runs = Path(tmp) / "runs"
         runs.mkdir()

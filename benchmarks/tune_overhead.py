@@ -96,7 +96,7 @@ def ray_tune(cfg: Config, prepared: Prepared) -> tuple[dict[Pair, float], dict[s
 
 
 def main() -> None:
-    from tune.search import stage0
+    from tune.config import stage0
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 pairs, 2 epochs, 40 images")
@@ -107,7 +107,7 @@ def main() -> None:
         "name=tune-overhead", "search.space=pairs", f"search.pairs={[list(p) for p in pairs]}",
         "search.scheduler=none", "search.stage2=false", "runtime.device=cpu"], base_dir=REPO)
     start = time.perf_counter()
-    prepared = stage0(cfg, cfg.affinity)  # the default cache: built on the first run only
+    prepared = stage0(cfg)  # the default cache: built on the first run only
     print(f"stage 0 (untimed): {time.perf_counter() - start:.1f} s, cached in "
           f"{cfg.runtime.runs_root / 'stores'}")
     print(f"{len(pairs)} pairs x {cfg.affinity.epochs} epochs on {len(prepared.features)} images; "

@@ -150,6 +150,11 @@ def cmd_make_data(args: argparse.Namespace) -> None:
           f"in {time.perf_counter() - start:.1f} s")
 
 
+def pct(value: float | None) -> str:
+    """A fraction as a percentage for people; n/a when undefined (None or NaN)."""
+    return "n/a" if value is None or value != value else f"{value:.2%}"
+
+
 def format_surface(surface: pd.DataFrame) -> str:
     """Human-facing table: percentages with a % sign, the best non-degenerate PQS marked."""
     table = pd.DataFrame({
@@ -171,16 +176,12 @@ def _prepare(args: argparse.Namespace, features: bool):
     """Load the config and run stage 0 (cached): the shared start of surface and trial."""
     import torch
 
-    from tune.config import load_config
-    from wsss.pipeline import prepare
+    from tune.config import load_config, stage0
 
     cfg = load_config(args.config, args.overrides)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                       affinity=cfg.affinity if features else None, imported=cfg.import_cams,
-                       device=cfg.runtime.device, progress=cfg.runtime.progress)
-    return cfg, prepared
+    return cfg, stage0(cfg, features)
 
 
 def cmd_surface(args: argparse.Namespace) -> None:
@@ -238,8 +239,8 @@ def cmd_trial(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from tune.config import Config, load_config
-    from tune.search import load_state, run_search
+    from tune.config import load_config
+    from tune.search import run_search, saved_config, search_folder
 
     if args.resume is not None:
         given = [f for f, v in (("--config", args.config), ("--data", args.data),
@@ -248,10 +249,10 @@ def cmd_search(args: argparse.Namespace) -> None:
         if given:
             raise UserError(f"--resume continues a search with its saved config: drop "
                             f"{', '.join(given)}")
-        cfg = Config.model_validate(load_state(args.resume)["config"])
-        if (cfg.runtime.runs_root / cfg.name).resolve() != args.resume.resolve():
+        cfg = saved_config(args.resume)
+        if search_folder(cfg).resolve() != args.resume.resolve():
             raise UserError(f"{args.resume} was moved: its search was recorded at "
-                            f"{cfg.runtime.runs_root / cfg.name}")
+                            f"{search_folder(cfg)}")
     elif args.config is None:
         raise UserError("search needs --config (a new search) or --resume RUN_DIR")
     else:
@@ -295,9 +296,6 @@ def print_result(cfg: Config, out: dict, seconds: float) -> None:
     mIoU, the pick against the best pair by val mIoU (the regret), and where to look next."""
     cands, sel = out["candidates"], out["selection"]
     name = cfg.search.objective
-
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None or value != value else f"{value:.2%}"
 
     pick = (sel["pair"]["bg"], sel["pair"]["fg"])
     best = sel.get("best_by_val_miou")
@@ -379,9 +377,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.2%}"
 
     width = max(map(len, result["iou"]))
     print(f"{result['n_images']} images, {result['protocol']} protocol")

@@ -21,6 +21,7 @@ from wsss.data import DataSpec
 from wsss.errors import UserError
 from wsss.interop import ImportSpec
 from wsss.objectives import check_objective
+from wsss.pipeline import Prepared, prepare
 from wsss.regions import check_pair
 from wsss.segmentation import SegmentationSpec
 from wsss.spec import Spec
@@ -181,3 +182,11 @@ def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
         raise UserError(_format_errors(e, where)) from None
     _resolve_paths(cfg, (base_dir or Path.cwd()).resolve())
     return cfg
+
+
+def stage0(cfg: Config, features: bool = True) -> Prepared:
+    """`prepare` with the config's settings, cached under ``<runs_root>/stores`` (a second run
+    trains nothing); ``features``: also the feature store the trials read."""
+    return prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
+                   affinity=cfg.affinity if features else None, imported=cfg.import_cams,
+                   device=cfg.runtime.device, progress=cfg.runtime.progress)

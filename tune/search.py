@@ -19,21 +19,19 @@ from typing import Any
 import optuna
 import pandas as pd
 import ray
-import torch
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tune import cluster, tracking
-from tune.config import Config, SearchConfig
+from tune.config import Config, SearchConfig, stage0
 from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.space import DefineByRun, grid_pairs
-from tune.trainables import CHECKPOINT_FILE, stage1, stage2, trial_context
-from wsss.affinity import AffinitySpec
+from tune.trainables import read_checkpoint, stage1, stage2, trial_context
 from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
-from wsss.pipeline import AffinityTrial, Prepared, digest, prepare
+from wsss.pipeline import AffinityTrial, Prepared, digest
 from wsss.pseudo_labels import export_labels
 from wsss.segmentation import build_model
 from wsss.store import write_csv_atomic, write_json_atomic
@@ -248,8 +246,7 @@ def reselect(folder: Path, *, policy: str | None = None,
              pick: str | None = None) -> tuple[dict[str, Any], list[tuple[float, float]]]:
     """Select again from a finished search's tables, without training anything. Returns the
     selection and the candidates of this policy that never reached stage 2."""
-    state = load_state(folder)
-    cfg = Config.model_validate(state["config"])
+    cfg = saved_config(folder)
     policy, pick = policy or cfg.search.policy, pick or cfg.search.pick
     if not (folder / "stage1.csv").is_file():
         raise UserError(f"{folder} has no stage1.csv: its stage 1 did not finish (resume it)")
@@ -267,8 +264,7 @@ def export_run_labels(folder: Path, out: Path,
                       pair: tuple[float, float] | None = None) -> tuple[int, float, float]:
     """Pseudo-labels of the whole train split for a searched pair (default: the selected one),
     made by that pair's stage-1 edge head; returns (count, bg, fg)."""
-    state = load_state(folder)
-    cfg = Config.model_validate(state["config"])
+    cfg = saved_config(folder)
     if pair is None:
         if not (folder / "selection.json").is_file():
             raise UserError(f"{folder} has no selection.json yet: give --pair BG,FG")
@@ -280,10 +276,9 @@ def export_run_labels(folder: Path, out: Path,
         searched = ", ".join(f"{r.bg:g},{r.fg:g}" for r in table.itertuples())
         raise UserError(f"pair {pair[0]:g},{pair[1]:g} has no stage-1 trial in {folder}; "
                         f"searched pairs: {searched}")
-    prepared = stage0(cfg, cfg.affinity).with_live_features(cfg.affinity, cfg.runtime.device)
+    prepared = stage0(cfg).with_live_features(cfg.affinity, cfg.runtime.device)
     trial = AffinityTrial(prepared, cfg.affinity, pair[0], pair[1], device=cfg.runtime.device)
-    trial.load_state_dict(torch.load(Path(match.iloc[0].checkpoint) / CHECKPOINT_FILE,
-                                     map_location="cpu", weights_only=False))
+    trial.load_state_dict(read_checkpoint(Path(match.iloc[0].checkpoint)))
     return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
 
 
@@ -319,11 +314,9 @@ def load_state(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def stage0(cfg: Config, affinity: AffinitySpec) -> Prepared:
-    """`prepare` with the search's settings (cached: a second search trains nothing)."""
-    return prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                   affinity=affinity, imported=cfg.import_cams, device=cfg.runtime.device,
-                   progress=cfg.runtime.progress)
+def saved_config(folder: Path) -> Config:
+    """The config a search in ``folder`` was started with."""
+    return Config.model_validate(load_state(folder)["config"])
 
 
 def _folders(cfg: Config, folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -378,7 +371,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         tracking.reopen(uri, parent)
     status = "FAILED"
     try:
-        prepared = stage0(cfg, cfg.affinity)
+        prepared = stage0(cfg)
         if cfg.search.stage2:  # a wrong encoder or weights file fails now, not after stage 1
             build_model(cfg.segmentation, prepared.train.num_classes)
         with ray_session(address, uri, parent, *_folders(cfg, folder)):

@@ -64,6 +64,28 @@ def pair_of(config: dict[str, Any]) -> tuple[float, float]:
     return float(bg), float(fg)
 
 
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """A trial's saved state, its tensors on the CPU (the trial or tool reading it may have no
+    GPU even where the trial that wrote it had one)."""
+    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+
+
+def _restored() -> dict[str, Any] | None:
+    """The state of the checkpoint Tune restored this trial from, if any."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return read_checkpoint(Path(folder))
+
+
+def _report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """One report to Tune with a checkpoint of ``state`` (what a resumed trial continues from)."""
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(state, Path(folder) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
 def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     """Train and score one pair, reporting every epoch. ``objective`` is the registered
     objective that drives the search, except for a degenerate pair (no neutral pixel), which
@@ -76,11 +98,8 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     run_id = tracking.start_child(uri, context["parent_run_id"], 1,
                                   tune.get_context().get_trial_id(), bg, fg)
     logged = tracking.logged_steps(uri, run_id)
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # resumed: same weights and epoch (and the same MLflow run)
-        with checkpoint.as_directory() as folder:
-            trial.load_state_dict(torch.load(Path(folder) / CHECKPOINT_FILE,
-                                             map_location="cpu", weights_only=False))
+    if (state := _restored()) is not None:  # same weights and epoch (and the same MLflow run)
+        trial.load_state_dict(state)
     for metrics in run_trial(bg, fg, prepared, spec, trial=trial):
         objective = 0.0 if metrics["degenerate"] else metrics[context["objective"]]
         report = {**metrics, "bg": bg, "fg": fg, "objective": objective}
@@ -89,10 +108,7 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
                                              if k not in ("bg", "fg", "epoch")}, metrics["epoch"])
         if metrics["epoch"] == spec.epochs:  # before the last report: Tune may end us there
             tracking.finish(uri, run_id, stopped_early="false")
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(trial.state_dict(), Path(folder) / CHECKPOINT_FILE)
-            tune.report({**report, "mlflow_run_id": run_id},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+        _report({**report, "mlflow_run_id": run_id}, trial.state_dict())
 
 
 def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -109,19 +125,13 @@ def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
     uri = context["tracking_uri"]
     run_id = tracking.start_child(uri, context["parent_run_id"], 2, f"pair-{bg:g}-{fg:g}", bg, fg)
     seg = SegmentationSpec.model_validate(context["segmentation"])
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu",
-                                weights_only=False)
-        if resume["epoch"] >= seg.epochs:  # killed after its last report: nothing to train
-            tune.report({**resume["metrics"], "bg": bg, "fg": fg, "mlflow_run_id": run_id})
-            return
+    resume = _restored()
+    if resume is not None and resume["epoch"] >= seg.epochs:  # killed after its last report
+        tune.report({**resume["metrics"], "bg": bg, "fg": fg, "mlflow_run_id": run_id})
+        return
     trial = AffinityTrial(prepared.with_live_features(spec, device), spec, bg, fg,
                           device=device)
-    trial.load_state_dict(torch.load(Path(candidate["checkpoint"]) / CHECKPOINT_FILE,
-                                     map_location="cpu", weights_only=False))
+    trial.load_state_dict(read_checkpoint(Path(candidate["checkpoint"])))
     labels = dict(trial.pseudo_labels())
     data = DataSpec.model_validate(context["data"])
     val = data.open("val") if data.has_split("val") else None
@@ -134,10 +144,8 @@ def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
             tracking.log_epoch(uri, run_id, metrics, epoch)
         if epoch == seg.epochs:
             tracking.finish(uri, run_id)
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save({**state, "metrics": metrics}, Path(folder) / CHECKPOINT_FILE)
-            tune.report({**metrics, "bg": bg, "fg": fg, "mlflow_run_id": run_id},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+        _report({**metrics, "bg": bg, "fg": fg, "mlflow_run_id": run_id},
+                {**state, "metrics": metrics})
 
     train_segmentation(model, prepared.train, lambda i: labels[ids[i]], seg, device, val=val,
                        on_epoch=on_epoch, resume=resume)

@@ -368,7 +368,7 @@ class AffinityTrial:
                 image = self.prepared.train.image(self.train_index[k])
                 regions = crf_regions(image, store.scores(j), store.keys(j), self.bg, self.fg)
             else:
-                regions = self._initial(k)
+                regions = self._initial_and_truth(k)[0]  # kept for evaluation too
             self._label_cache[k] = downsample_regions(regions, self._grid(k),
                                                       _grid_stride(store, j))
         return self._label_cache[k]
