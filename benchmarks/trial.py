@@ -22,8 +22,8 @@ import timm
 import torch
 
 from tune.config import load_config
-from wsss.classifier import create_backbone, load_classifier, normalise_images
-from wsss.pipeline import AffinityTrial, Prepared, prepare, run_trial
+from wsss.classifier import normalise_images
+from wsss.pipeline import AffinityTrial, Prepared, _frozen_levels, prepare, run_trial
 
 
 class RecomputingTrial(AffinityTrial):
@@ -53,12 +53,9 @@ def compare(cfg, affinity, label: str, bg: float, fg: float) -> float:
     prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cache, affinity=affinity,
                        device="cpu", progress=False)
     t_prepare = time.perf_counter() - start
-    if affinity.backbone is None:
-        backbone = load_classifier(prepared.classifier_path, torch.device("cpu"))[0].backbone
-    else:
-        backbone = create_backbone(affinity.backbone, affinity.output_stride,
-                                   affinity.backbone_weights)
-    levels = prepared.features.manifest["levels"]
+    # the product's frozen backbone and levels, so the reference recomputes the same features
+    backbone, _, levels = _frozen_levels(affinity, prepared.classifier_path, prepared.cams,
+                                         torch.device("cpu"))
     ours_t, ours = timed_trial(AffinityTrial(prepared, affinity, bg, fg), prepared, affinity, bg,
                                fg)
     ref = RecomputingTrial(prepared, affinity, bg, fg, backbone=backbone, levels=levels)

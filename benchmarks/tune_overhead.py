@@ -34,6 +34,7 @@ import torch
 from tune.config import Config, load_config
 from wsss.affinity import AffinitySpec
 from wsss.data import DataSpec
+from wsss.objectives import driving_value
 from wsss.pipeline import Prepared, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def _final_objective(bg: float, fg: float, spec: AffinitySpec, objective: str,
                      device: str) -> float:
     """The plain trial: every epoch of `run_trial`; the objective as the trainable reports it."""
     *_, last = run_trial(bg, fg, _prepared, spec, device=device)
-    return 0.0 if last["degenerate"] else last[objective]
+    return driving_value(last, objective)
 
 
 def plain(cfg: Config, prepared: Prepared, pairs: list[Pair]) -> dict[Pair, float]:

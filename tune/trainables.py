@@ -19,6 +19,7 @@ from ray import tune
 from tune import tracking
 from wsss.affinity import AffinitySpec
 from wsss.data import DataSpec
+from wsss.objectives import driving_value
 from wsss.pipeline import AffinityTrial, Prepared, run_trial
 from wsss.segmentation import SegmentationSpec, build_model, train_segmentation
 
@@ -101,7 +102,7 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     if (state := _restored()) is not None:  # same weights and epoch (and the same MLflow run)
         trial.load_state_dict(state)
     for metrics in run_trial(bg, fg, prepared, spec, trial=trial):
-        objective = 0.0 if metrics["degenerate"] else metrics[context["objective"]]
+        objective = driving_value(metrics, context["objective"])
         report = {**metrics, "bg": bg, "fg": fg, "objective": objective}
         if metrics["epoch"] not in logged:
             tracking.log_epoch(uri, run_id, {k: v for k, v in report.items()

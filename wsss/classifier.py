@@ -31,8 +31,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a user error. A
+    `torch.device` is already resolved and comes back as is."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -114,6 +114,13 @@ def _open_image(path: Path, what: str) -> Image.Image:
         raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
+def missing_files(directory: Path, ids: Sequence[str], ext: str) -> list[Path]:
+    """The paths ``directory/<id><ext>`` that do not exist, from one listing of the folder (fast
+    on network disks; a missing folder lacks them all)."""
+    present = set(os.listdir(directory)) if directory.is_dir() else set()
+    return [directory / f"{i}{ext}" for i in ids if f"{i}{ext}" not in present]
+
+
 class SegDataset:
     """A split of a VOC-layout dataset: ids, images, masks, image-level labels, a fingerprint.
 
@@ -148,6 +155,8 @@ class SegDataset:
         self.cls_labels_path = None if cls_labels is None else Path(cls_labels)
         self.has_masks = self._check_files(require_masks or cls_labels is None)
         self._labels: list[np.ndarray | None] = [None] * len(self.ids)
+        self._sizes: dict[int, tuple[int, int]] = {}  # headers read once: sizes drive batching
+        self._fingerprint: str | None = None  # hashing reads every file: once per object
         if self.cls_labels_path is not None:
             self._labels = list(self._read_cls_labels(self.cls_labels_path))
 
@@ -180,12 +189,8 @@ class SegDataset:
         """Whether every image has its mask (ground truth); a missing image, or a missing mask
         when ``need_masks``, is an error. Each folder is listed once rather than every file
         stat'ed: fast on network disks."""
-        missing: dict[str, list[Path]] = {}
-        for folder, ext in (("JPEGImages", ".jpg"), (self.mask_dir, ".png")):
-            directory = self.root / folder
-            present = set(os.listdir(directory)) if directory.is_dir() else set()
-            missing[folder] = [directory / f"{i}{ext}" for i in self.ids
-                               if f"{i}{ext}" not in present]
+        missing = {folder: missing_files(self.root / folder, self.ids, ext)
+                   for folder, ext in (("JPEGImages", ".jpg"), (self.mask_dir, ".png"))}
         lost = missing["JPEGImages"] + (missing[self.mask_dir] if need_masks else [])
         if lost:
             raise DataError(
@@ -240,7 +245,9 @@ class SegDataset:
         return np.array(image, dtype=np.uint8)
 
     def size(self, i: int) -> tuple[int, int]:
-        """(H, W) from the image header only."""
+        """(H, W) from the image header only (read once)."""
+        if i in self._sizes:
+            return self._sizes[i]
         path = self.image_path(i)
         try:
             with Image.open(path) as image:
@@ -249,6 +256,7 @@ class SegDataset:
             raise DataError(f"image {path} not found") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"cannot read image {path}: {e}") from None
+        self._sizes[i] = height, width
         return height, width
 
     def mask(self, i: int) -> np.ndarray:
@@ -294,7 +302,10 @@ class SegDataset:
 
     def fingerprint(self) -> str:
         """A hex digest of everything that defines this split's data (ids, class names, mask
-        folder, image/mask/cls_labels bytes), so caches keyed on it go stale when a file changes."""
+        folder, image/mask/cls_labels bytes), so caches keyed on it go stale when a file changes.
+        Computed once per object (a new `SegDataset` hashes the files again)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.blake2b(digest_size=16)
 
         def text(value: str) -> None:
@@ -319,7 +330,8 @@ class SegDataset:
             text(self.ids[i])
             file(self.image_path(i))
             file(self.mask_path(i))
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 class SyntheticSpec(Spec):

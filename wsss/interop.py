@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from wsss.data import IGNORE, SegDataset, _open_image
+from wsss.data import IGNORE, SegDataset, _open_image, missing_files
 from wsss.errors import DataError, UserError
 from wsss.metrics import Protocol, confusion, iou_per_class, mean_iou
 from wsss.spec import Spec
@@ -61,13 +60,11 @@ def _missing_files(folder: Path, data: SegDataset, ext: str, what: str) -> list[
     """One file per id of the split, checked with one listing (fast on network disks)."""
     if not folder.is_dir():
         raise DataError(f"{what} folder {folder} not found")
-    present = set(os.listdir(folder))
-    paths = [folder / f"{image_id}{ext}" for image_id in data.ids]
-    missing = [p for p in paths if p.name not in present]
+    missing = missing_files(folder, data.ids, ext)
     if missing:
         raise DataError(f"{what} {missing[0]} not found ({len(missing)} of the {len(data)} "
                         f"ids of {data.split_file} have no {ext} file in {folder})")
-    return paths
+    return [folder / f"{image_id}{ext}" for image_id in data.ids]
 
 
 def _as_array(value: Any) -> np.ndarray:
@@ -163,9 +160,11 @@ def import_cams(fmt: Format, cam_dir: str | Path, data: SegDataset, out: str | P
     evaluate scripts threshold); ``"strided"`` imports ``cam`` (stride 4: a ~16x smaller store,
     upsampled to image size when scored). Keys become 1-based ids, sorted, channels reordered.
 
-    Two passes, each holding one file at a time: the first reads, hashes and validates every file
-    (so a bad file fails before anything is written) and records the shapes the store needs up
-    front; the second re-reads each file, checks its hash is unchanged, and streams it in.
+    Each pass holds one file at a time. The first only hashes the files: an unchanged import
+    returns the existing store without unpickling anything. Otherwise the second reads and
+    validates every file (so a bad file fails before anything is written) and records the
+    shapes the store needs up front; the third streams them in. The later passes check each
+    file's hash is unchanged.
     """
     _check_choice("format", fmt, get_args(Format))
     _check_choice("resolution", resolution, get_args(Resolution))
@@ -175,15 +174,7 @@ def import_cams(fmt: Format, cam_dir: str | Path, data: SegDataset, out: str | P
                         "code stored in them; pass --allow-pickle (allow_pickle=True) only if "
                         "they are your own files")
     paths = _missing_files(cam_dir, data, ".npy", "CAM file")
-
-    digests, shapes, keys, sizes = [], [], [], []
-    for i, path in enumerate(paths):
-        raw = path.read_bytes()
-        ids, cams = _parse(path, raw, fmt, resolution)
-        sizes.append(list(_check_against(path, ids, cams, data, i, resolution)))
-        digests.append(hashlib.blake2b(raw, digest_size=16).hexdigest())
-        shapes.append(tuple(cams.shape))
-        keys.append(ids.tolist())
+    digests = [hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() for path in paths]
     files = hashlib.blake2b("\n".join(f"{i} {h}" for i, h in zip(data.ids, digests)).encode(),
                             digest_size=16).hexdigest()
     manifest = {"kind": "cams", "source": fmt, "resolution": resolution, "cam_dir": str(cam_dir),
@@ -192,14 +183,20 @@ def import_cams(fmt: Format, cam_dir: str | Path, data: SegDataset, out: str | P
     if CamStore.is_current(out, manifest):
         return CamStore(out)
 
-    def arrays() -> Iterator[np.ndarray]:
+    def parsed() -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
         for path, digest in zip(paths, digests):
             raw = path.read_bytes()
             if hashlib.blake2b(raw, digest_size=16).hexdigest() != digest:
                 raise DataError(f"CAM file {path} changed during the import; run it again")
-            yield _parse(path, raw, fmt, resolution)[1]
+            yield path, *_parse(path, raw, fmt, resolution)
 
-    return CamStore.write(out, data.ids, shapes, arrays(), manifest,
+    shapes, keys, sizes = [], [], []
+    for i, (path, ids, cams) in enumerate(parsed()):
+        sizes.append(list(_check_against(path, ids, cams, data, i, resolution)))
+        shapes.append(tuple(cams.shape))
+        keys.append(ids.tolist())
+    arrays = (cams for _, _, cams in parsed())
+    return CamStore.write(out, data.ids, shapes, arrays, manifest,
                           meta={"keys": keys, "image_size": sizes})
 
 

@@ -32,6 +32,12 @@ def check_objective(name: str) -> str:
     return name
 
 
+def driving_value(metrics: dict[str, float], name: str) -> float:
+    """What a search maximises for a trial: objective ``name``, except 0 for a degenerate pair
+    (no neutral pixel), so that neither early stopping nor a sampler favours it."""
+    return 0.0 if metrics["degenerate"] else metrics[name]
+
+
 def all_objectives(counts: Counts) -> dict[str, float]:
     """Every registered objective on one trial's per-image counts."""
     return {name: fn(counts) for name, fn in OBJECTIVES.items()}

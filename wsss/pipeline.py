@@ -308,7 +308,7 @@ class AffinityTrial:
                  device: str | torch.device = "cpu"):
         self.bg, self.fg = check_pair(bg, fg)
         self.prepared, self.spec = prepared, spec
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = resolve_device(device)
         feats = prepared.features
         self.index = [prepared.cams.position(i) for i in feats.ids]  # trial image -> CAM store
         position = {image_id: i for i, image_id in enumerate(prepared.train.ids)}

@@ -146,8 +146,7 @@ def _checked(cams: torch.Tensor, edge: torch.Tensor, radius: int, beta: float, *
         raise ValueError(f"cams and edge disagree on batch or map size: {shapes}")
     if cams.device != edge.device:
         raise ValueError(f"cams on {cams.device} but edge on {edge.device}")
-    if not isinstance(radius, Integral) or isinstance(radius, bool) or radius < 1:
-        raise ValueError(f"radius must be an integer >= 1, got {radius!r}")
+    _check_count("radius", radius, minimum=1)
     # 0**0 == 1: at beta <= 0, IRN's dense pow would link every pair of pixels, even far apart.
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
@@ -158,9 +157,9 @@ def _checked(cams: torch.Tensor, edge: torch.Tensor, radius: int, beta: float, *
     return cams, edge
 
 
-def _check_count(name: str, value: int) -> None:
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+def _check_count(name: str, value: int, minimum: int = 0) -> None:
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @torch.no_grad()

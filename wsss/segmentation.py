@@ -138,10 +138,6 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return total / (target != IGNORE).sum().clamp(min=1)
 
 
-def _as_device(device: torch.device | str) -> torch.device:
-    return resolve_device(device) if isinstance(device, str) else device
-
-
 def _sample(data: SegDataset, label: Callable[[int], np.ndarray], i: int, spec: SegmentationSpec,
             g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Image i and its label map, flipped and cropped together."""
@@ -202,7 +198,7 @@ def train_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset, labels: La
     exactly as if never stopped (on CPU). Returns the last epoch's metrics; the model is left in
     eval mode. Without ``crop_size`` only same-size images share a batch.
     """
-    device = _as_device(device)
+    device = resolve_device(device)
     label = labels if callable(labels) else labels.__getitem__
     if not callable(labels) and len(labels) != len(data):
         raise ValueError(f"{len(labels)} label maps for {len(data)} images")
@@ -261,7 +257,7 @@ def evaluate_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset,
                           device: torch.device | str, batch_size: int = 32) -> float:
     """Standard mIoU of the predictions against ``data``'s ground truth: one confusion matrix
     pooled over the split, classes with an empty union left out (DESIGN §4)."""
-    device = _as_device(device)
+    device = resolve_device(device)
     model.to(device).eval()
     conf = np.zeros((data.num_classes, data.num_classes + 1), np.int64)
     for batch in _size_batches([data.size(i) for i in range(len(data))], batch_size):
@@ -276,7 +272,7 @@ def evaluate_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset,
 def predict(model: AnySizeDeepLabV3Plus, image: np.ndarray,
             device: torch.device | str) -> np.ndarray:
     """uint8 label map of one uint8 ``HxWx3`` image, at the image's size."""
-    device = _as_device(device)
+    device = resolve_device(device)
     model.to(device).eval()
     x = normalise_images(torch.from_numpy(np.ascontiguousarray(image))[None].to(device))
     return model(x)[0].argmax(0).byte().cpu().numpy()
@@ -292,7 +288,7 @@ def save_segmentation(model: AnySizeDeepLabV3Plus, path: Path, meta: dict) -> No
 def load_segmentation(path: Path, device: torch.device | str,
                       ) -> tuple[AnySizeDeepLabV3Plus, dict]:
     """Rebuild a saved model in eval mode, with its ``meta`` (nothing is downloaded)."""
-    device = _as_device(device)
+    device = resolve_device(device)
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model = _create(ckpt["arch"])
     model.load_state_dict(ckpt["state_dict"])
