@@ -12,6 +12,7 @@ from wsss.metrics import (
     iou_per_class,
     mean_iou,
     region_metrics,
+    self_pqs,
     tecm,
     tecm_aggregate,
     threshold_surface,
@@ -125,6 +126,21 @@ def test_transition_counts_and_aggregations():
     assert tecm_aggregate([c], "pooled") == (1.0, True)
 
 
+def test_self_pqs_is_pqs_with_the_initial_regions_as_ground_truth():
+    rng = np.random.default_rng(0)
+    initial = [rng.choice(np.array([0, 1, 2, 255], np.uint8), (8, 9)) for _ in range(3)]
+    refined = [rng.choice(np.array([0, 1, 2, 255], np.uint8), (8, 9)) for _ in range(3)]
+    counts = [transition_counts(i, r, 3) for i, r in zip(initial, refined)]
+    conf = sum(confusion(r, i, 3) for i, r in zip(initial, refined))
+    # region_metrics' PQS with the initial regions as GT, but NPR over all pixels of the images
+    expected = region_metrics(conf, 3 * 72, sum(int((r == 255).sum()) for r in refined))["pqs"]
+    assert self_pqs(counts) == pytest.approx(expected) and 0 < expected < 1
+    same = [transition_counts(i, i, 3) for i in initial]  # refinement changed nothing
+    assert self_pqs(same) == pytest.approx(1 - sum(int((i == 255).sum()) for i in initial) / 216)
+    assert self_pqs([transition_counts(np.full((2, 2), 255, np.uint8),
+                                       np.full((2, 2), 255, np.uint8), 3)]) == 0.0
+
+
 # ---- property tests -------------------------------------------------------------------------
 
 LEVELS = np.float16([0.0, 0.05, 0.1, 0.2, 0.25, 0.3, 0.45, 0.5, 0.7, 1.0])  # thresholds too
@@ -187,10 +203,14 @@ def test_tecm_in_range(npr_i, npr_r, b, f):
 def test_objective_registry():
     from wsss.objectives import OBJECTIVES, all_objectives, check_objective, register
 
-    a = dict(n_pixels=10, neutral_initial=4, neutral_refined=2, n_to_b=1, n_to_f=1)
-    b = dict(n_pixels=10, neutral_initial=2, neutral_refined=2, n_to_b=0, n_to_f=0)
+    agree = np.array([[3, 0, 1], [1, 2, 1]])  # [C, C + 1], C = 2
+    a = dict(n_pixels=10, neutral_initial=4, neutral_refined=2, n_to_b=1, n_to_f=1,
+             agreement=agree)
+    b = dict(n_pixels=10, neutral_initial=2, neutral_refined=2, n_to_b=0, n_to_f=0,
+             agreement=agree)
     values = all_objectives([a, b])
-    assert set(values) >= {"tecm", "tecm_pooled"}
+    assert set(values) >= {"tecm", "tecm_pooled", "spqs"}
+    assert values["spqs"] == pytest.approx((6 / 8 + 4 / 6) / 2 * (1 - 4 / 20))
     assert values["tecm"] == tecm_aggregate([a, b])[0]
     assert values["tecm_pooled"] == tecm_aggregate([a, b], "pooled")[0]
     assert check_objective("tecm") == "tecm"

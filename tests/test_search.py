@@ -128,8 +128,12 @@ def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
         assert child.data.tags["stage"] == "1"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "tecm")]
         row = t[t.mlflow_run_id == child.info.run_id].iloc[0]
-        assert steps == list(range(1, int(row.training_iteration) + 1))
-        assert child.data.metrics["tecm"] == pytest.approx(row.tecm)
+        if row.degenerate:  # its objectives are undefined: absent, so they never sort first
+            assert steps == [] and "tecm" not in child.data.metrics
+            assert child.data.metrics["degenerate"] == 1
+        else:
+            assert steps == list(range(1, int(row.training_iteration) + 1))
+            assert child.data.metrics["tecm"] == pytest.approx(row.tecm)
         assert child.data.tags["stopped_early"] == ("false" if row.training_iteration == 2
                                                     else "true")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -152,6 +156,34 @@ def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
     assert (f"selected (BG, FG) = ({pair[0]:g}, {pair[1]:g}) by tecm (no ground truth used)"
             in printed)
     assert f"regret of the pick {100 * selection['regret_val_miou']:.2f} points" in printed
+    assert selection["regret_scope"] == "candidates" and "promoted candidates only" in printed
+    # MLflow shows the selection: parent metrics, tags and note; the pick's runs tagged; the
+    # promoted stage-1 runs hold val mIoU; sorting by ranked_tecm puts the pick first
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.data.metrics["selected_bg"] == pair[0]
+    assert parent.data.metrics["selected_fg"] == pair[1]
+    assert parent.data.metrics["selected_val_miou"] == pytest.approx(
+        selection["metrics"]["val_miou"])
+    assert parent.data.metrics["regret_val_miou"] == pytest.approx(selection["regret_val_miou"])
+    assert parent.data.tags["selected_pair"] == f"({pair[0]:g}, {pair[1]:g})"
+    assert f"({pair[0]:g}, {pair[1]:g})" in parent.data.tags["mlflow.note.content"]
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    by_rank = client.search_runs([parent.info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                 f"tags.stage = '1'", order_by=["metrics.ranked_tecm DESC"])
+    assert (by_rank[0].data.params["bg"], by_rank[0].data.params["fg"]) == (
+        f"{pair[0]:g}", f"{pair[1]:g}") and by_rank[0].data.tags["selected"] == "true"
+    for run in by_rank:
+        row = t[t.mlflow_run_id == run.info.run_id].iloc[0]
+        assert ("ranked_tecm" in run.data.metrics) == bool(
+            row.training_iteration == 2 and not row.degenerate)
+        promoted = any(c["mlflow_run_id"] == run.info.run_id for c in saved["candidates"])
+        assert ("val_miou" in run.data.metrics) == promoted
+    assert [r.data.tags.get("selected") for r in stage2].count("true") == 1
+    epochs = pd.read_csv(runs / "ci" / "stage1_epochs.csv")
+    assert len(epochs) == t.training_iteration.sum()  # every epoch of every trial, once
+    assert len(pd.read_csv(runs / "ci" / "stage2_epochs.csv")) == 2 * len(stage2)
     assert f"val mIoU {selection['metrics']['val_miou']:.2%}" in printed
     assert all(r["stage2_checkpoint"] for r in selection["ranked"])  # the trained DeepLabv3+
     assert {"stage1.csv", "candidates.json", "selection.json", "thresholds.yaml"} <= {
@@ -325,3 +357,41 @@ def test_a_failed_trial_is_marked_failed_in_mlflow_and_said_in_one_line(tmp_path
     early = tune.Result(metrics=None, checkpoint=None, error=crash, path=str(tmp_path))
     with pytest.raises(UserError, match="failed before its first report: CUDA out of memory"):
         _failure(early, 1, uri)
+
+
+@pytest.mark.slow
+def test_oracle_measures_the_regret_over_every_finished_pair(ci_config, ci_prepared, tmp_path,
+                                                             capsys):
+    """--oracle: no early stopping, DeepLabv3+ on every finished non-degenerate pair, and the
+    regret of each objective's (and GT proxy's) pick against the best of them all."""
+    import os
+
+    from tune.cli import main
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.symlink(ci_config.runtime.runs_root / "stores", runs / "stores")
+    assert main(["search", "--config", "ci", "--space", "pairs", "--oracle",
+                 "--set", "search.pairs=[[0.1, 0.35], [0.2, 0.45], [0.25, 0.25], [0.3, 0.5]]",
+                 "--set", "name=oracle", "--set", "affinity.epochs=1",
+                 "--set", "affinity.subset=40", "--set", "segmentation.epochs=1",
+                 "--set", f"data.root={ci_config.data.root}",
+                 "--set", f"runtime.runs_root={runs}"]) == 0
+    printed = capsys.readouterr().out
+    folder = runs / "oracle"
+    stage2 = pd.read_csv(folder / "stage2.csv")
+    assert sorted(zip(stage2.bg, stage2.fg)) == [(0.1, 0.35), (0.2, 0.45), (0.3, 0.5)]
+    selection = json.loads((folder / "selection.json").read_text())
+    assert selection["regret_scope"] == "all" and selection["regret_pairs"] == 3
+    best = stage2.val_miou.max()
+    assert selection["regret_val_miou"] == pytest.approx(
+        best - stage2.loc[stage2.objective.idxmax(), "val_miou"])
+    evaluation = selection["evaluation"]
+    assert {"tecm", "tecm_pooled", "pqs_avg", "miou_pseudo"} <= set(evaluation)
+    for name, q in evaluation.items():
+        pick = stage2.sort_values([name, "bg", "fg"], ascending=[False, True, True]).iloc[0]
+        assert (q["pick"]["bg"], q["pick"]["fg"]) == (pick.bg, pick.fg)
+        assert q["regret"] == pytest.approx(best - pick.val_miou)
+        assert q["recall"]["3"] is True and q["recall"]["1"] == (q["regret"] == 0)
+        assert q["uses_ground_truth"] == (name in ("pqs_avg", "pqs_pseudo", "miou_pseudo"))
+    assert "all 3 finished pairs (oracle)" in printed and "how each ranking would" in printed

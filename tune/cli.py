@@ -69,13 +69,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (repeatable)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue a killed search from its folder (its saved config is used)")
+    _oracle_arg(p)
     _cluster_args(p)
 
     p = sub.add_parser("demo", help="the whole two-stage search on synthetic data (packaged "
                                     "config 'demo'), ending with the selected pair and its "
                                     "evidence")
+    p.add_argument("--config", default="demo",
+                   help="packaged config or YAML file (default demo; demo_hard: the harder "
+                        "synthetic data)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a demo config value (repeatable)")
+    _oracle_arg(p)
     _cluster_args(p)
 
     p = sub.add_parser("select", help="select again from a finished search (another promotion "
@@ -83,6 +88,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--policy", choices=["global", "per_bg"])
     p.add_argument("--pick", choices=["objective", "val_miou"])
+
+    p = sub.add_parser("report", help="(re)write a search's HTML report: heatmaps over BG x FG, "
+                                      "objective vs PQS / val mIoU statistics, learning "
+                                      "curves, sample pseudo-labels; works on a partial search")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+
+    p = sub.add_parser("analyze", help="how well one column ranks like another in any table "
+                                       "(stage1.csv, stage2.csv, the paper's tables): Pearson, "
+                                       "Spearman and Kendall with bootstrap 95%% intervals, "
+                                       "RANSAC-filtered Pearson over many seeds")
+    p.add_argument("table", type=Path, metavar="TABLE.csv")
+    p.add_argument("--x", required=True, help="column: the proxy (e.g. tecm)")
+    p.add_argument("--y", required=True, help="column: the target (e.g. pqs_avg, val_miou)")
+    p.add_argument("--where", metavar="EXPR",
+                   help="keep the rows where EXPR holds (pandas query, e.g. 'degenerate == 0')")
+    p.add_argument("--seeds", type=int, default=200, help="RANSAC seeds (default 200)")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
 
     p = sub.add_parser("export-labels", help="pseudo-labels of the whole train split for a "
                                              "searched pair (default: the selected one)")
@@ -112,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
                         "irn: 255 counts as background, classes never seen are left out")
     p.add_argument("--json", action="store_true", help="print the fractions as JSON")
     return parser
+
+
+def _oracle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oracle", action="store_true",
+                   help="DeepLabv3+ on every finished non-degenerate pair, no early stopping "
+                        "(sets search.top_k=all, search.scheduler=none): costly, but measures "
+                        "the pick's true regret and how well each objective would have picked")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
@@ -245,6 +274,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.resume is not None:
         given = [f for f, v in (("--config", args.config), ("--data", args.data),
                                 ("--space", args.space), ("--set", args.overrides),
+                                ("--oracle", args.oracle),
                                 ("--tracking-uri", args.tracking_uri)) if v]
         if given:
             raise UserError(f"--resume continues a search with its saved config: drop "
@@ -258,7 +288,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     else:
         data = json.dumps(str(args.data))  # a path as is (YAML would read "2012" as a number)
         shortcuts = ([f"data.root={data}", "data.synthetic=null"] if args.data else []) + (
-            [f"search.space={args.space}"] if args.space else [])
+            [f"search.space={args.space}"] if args.space else []) + _oracle(args)
         cfg = load_config(args.config, [*shortcuts, *args.overrides])
     start = time.perf_counter()
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri,
@@ -273,14 +303,19 @@ def cmd_search(args: argparse.Namespace) -> None:
     print_result(cfg, out, time.perf_counter() - start)
 
 
+def _oracle(args: argparse.Namespace) -> list[str]:
+    return ["search.top_k=all", "search.scheduler=none"] if args.oracle else []
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from tune.config import load_config
     from tune.search import run_search
 
-    overrides = list(args.overrides)
+    overrides = [*_oracle(args), *args.overrides]
     if not any(o.startswith("name=") for o in overrides):  # every demo is its own search
-        overrides.insert(0, f"name=demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg = load_config("demo", overrides)
+        overrides.insert(0, f"name={Path(args.config).stem.replace('_', '-')}-"
+                            f"{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = load_config(args.config, overrides)
     search = cfg.search
     print(f"wsss-tune demo '{cfg.name}': synthetic data -> classifier + CAMs (stage 0, cached "
           f"after the first run) -> TECM trials over (BG, FG) on Ray Tune (stage 1, "
@@ -315,22 +350,41 @@ def print_result(cfg: Config, out: dict, seconds: float) -> None:
     print(f"\nselected (BG, FG) = ({pick[0]:g}, {pick[1]:g}) by {rule} ({note})"
           + (f": val mIoU {pct(val)}" if val is not None else ""))
     if best:
-        print(f"best candidate by val mIoU: ({best['bg']:g}, {best['fg']:g}) "
+        scope = (f"all {sel['regret_pairs']} finished pairs (oracle)"
+                 if sel["regret_scope"] == "all" else
+                 f"the {sel['regret_pairs']} promoted candidates only, not all searched pairs "
+                 "(--oracle measures it over all)")
+        print(f"best by val mIoU among {scope}: ({best['bg']:g}, {best['fg']:g}) "
               f"{pct(best['val_miou'])}; regret of the pick {100 * sel['regret_val_miou']:.2f} "
               f"points")
+    if "evaluation" in sel:
+        print("\n" + format_evaluation(sel["evaluation"]))
     print("PQS: mean of the initial regions' and the pseudo-labels' PQS on the trial images; "
           "PQS and val mIoU use ground truth (validation only, never the objective)")
     folder, uri = out["folder"], out["tracking_uri"]
     files = [n for n in ("selection.json", "thresholds.yaml", "stage1.csv", "stage2.csv")
              if (Path(folder) / n).exists()]
     print(f"\nsearch folder: {folder}  ({', '.join(files)})")
+    from tune.tracking import run_url
+
+    print(f"report:        {out['report']}")
     if uri.startswith("sqlite:"):
         mlflow = Path(sys.executable).with_name("mlflow")
-        print(f"MLflow:        {mlflow} ui --backend-store-uri {uri}  -> http://127.0.0.1:5000 "
-              f"(parent run {out['parent_run_id']})")
-    else:
-        print(f"MLflow:        {uri}  (parent run {out['parent_run_id']})")
+        print(f"MLflow:        {mlflow} ui --backend-store-uri {uri}")
+    print(f"               {run_url(uri, out['parent_run_id'])}  (this search's parent run)")
     print(f"whole search:  {seconds // 60:.0f} min {seconds % 60:.0f} s")
+
+
+def format_evaluation(evaluation: dict) -> str:
+    """The oracle's verdict on each objective (and ground-truth proxy): the val mIoU of the pair
+    it would pick, its regret against the best pair, and whether that pair is in its top k."""
+    rows = [{"ranked by": name + (" (GT)" if q["uses_ground_truth"] else ""),
+             "its pick": f"({q['pick']['bg']:.2f}, {q['pick']['fg']:.2f})",
+             "val mIoU": pct(q["pick"][q["truth"]]), "regret": f"{100 * q['regret']:.2f} pts",
+             **{f"best in top {k}": "yes" if hit else "no" for k, hit in q["recall"].items()}}
+            for name, q in evaluation.items()]
+    return ("oracle: how each ranking would have picked (GT = uses ground truth)\n"
+            + pd.DataFrame(rows).to_string(index=False))
 
 
 def cmd_select(args: argparse.Namespace) -> None:
@@ -344,6 +398,57 @@ def cmd_select(args: argparse.Namespace) -> None:
     note = "uses ground truth" if selection["uses_ground_truth"] else "no ground truth used"
     print(f"selected (BG, FG) = ({pair['bg']:g}, {pair['fg']:g}) by {selection['pick']} "
           f"({note}), policy {selection['policy']}; written to {args.run_dir}/selection.json")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from tune.report import write_report
+    from tune.search import load_state
+
+    load_state(args.run_dir)  # a clear error when it is not a search folder
+    print(f"wrote {write_report(args.run_dir)}")
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from wsss.analysis import correlate
+
+    try:
+        table = pd.read_csv(args.table)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{args.table}: cannot read it as CSV ({e})") from None
+    if args.where:
+        try:
+            table = table.query(args.where)
+        except Exception as e:  # pandas raises many types for a bad expression
+            raise UserError(f"--where {args.where!r}: {type(e).__name__}: {e}") from None
+    for flag, column in (("--x", args.x), ("--y", args.y)):
+        if column not in table:
+            raise UserError(f"{flag} {column!r} is not a column of {args.table}; columns: "
+                            f"{', '.join(map(str, table.columns))}")
+        if not pd.api.types.is_numeric_dtype(table[column]):
+            raise UserError(f"{flag} {column!r} in {args.table} is not numeric")
+    stats = correlate(table[args.x].to_numpy(float), table[args.y].to_numpy(float),
+                      x_name=args.x, y_name=args.y, ransac_seeds=args.seeds)
+    if args.json:
+        print(json.dumps(stats.as_dict(), indent=1))
+        return
+    print(format_correlation(stats, f"{args.table}" + (f" where {args.where}" if args.where
+                                                         else "")))
+
+
+def format_correlation(c, where: str) -> str:
+    """One correlation for people: every statistic with its interval or p-value."""
+    def ci(pair: tuple[float, float]) -> str:
+        return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+    return "\n".join([
+        f"{c.x} vs {c.y}: {c.n} rows of {where}",
+        f"  Pearson          {c.pearson:7.3f}   p = {c.pearson_p:.3g}",
+        f"  Spearman         {c.spearman:7.3f}   p = {c.spearman_p:.3g}   95% CI "
+        f"{ci(c.spearman_ci)} (bootstrap)",
+        f"  Kendall tau-b    {c.kendall:7.3f}   p = {c.kendall_p:.3g}   95% CI "
+        f"{ci(c.kendall_ci)} (bootstrap)",
+        f"  RANSAC Pearson   {c.ransac_pearson:7.3f}   5-95% over {c.n_seeds} seeds "
+        f"{ci(c.ransac_range)}, median {c.ransac_inliers:g} inliers of {c.n}"])
 
 
 def cmd_export_labels(args: argparse.Namespace) -> None:
@@ -386,9 +491,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface, "trial": cmd_trial,
-            "search": cmd_search, "demo": cmd_demo, "select": cmd_select,
-            "export-labels": cmd_export_labels, "import-cams": cmd_import_cams,
-            "evaluate": cmd_evaluate}
+            "search": cmd_search, "demo": cmd_demo, "select": cmd_select, "report": cmd_report,
+            "analyze": cmd_analyze, "export-labels": cmd_export_labels,
+            "import-cams": cmd_import_cams, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

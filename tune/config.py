@@ -72,7 +72,12 @@ class SearchConfig(Section):
     stage2_cpus_per_trial: float | None = Field(None, gt=0, description="None: cpus_per_trial")
     stage2_max_concurrent: int | None = Field(None, ge=1, description="None: all candidates "
                                                                       "at once")
-    top_k: int = Field(3, ge=1)
+    top_k: int | Literal["all"] = Field(
+        3, description="pairs promoted to stage 2; 'all': the oracle (DeepLabv3+ on every "
+                       "finished non-degenerate pair: costly, measures the pick's true regret)")
+    rank_epoch: Literal["last", "best"] = Field(
+        "last", description="which epoch's objective ranks a trial (and whose edge head stage 2 "
+                            "uses): the last epoch, or the trial's best one")
     policy: Literal["global", "per_bg"] = "global"
     stage2: bool = Field(True, description="train DeepLabv3+ on the promoted pairs")
     pick: Literal["objective", "val_miou"] = Field(
@@ -83,6 +88,8 @@ class SearchConfig(Section):
     @model_validator(mode="after")
     def _valid(self) -> SearchConfig:
         check_objective(self.objective)
+        if isinstance(self.top_k, int) and self.top_k < 1:
+            raise ValueError("top_k must be at least 1, or 'all'")
         _check_pairs(self.space, self.pairs, "search")
         return self
 

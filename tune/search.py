@@ -28,9 +28,11 @@ from tune import cluster, tracking
 from tune.config import Config, SearchConfig, stage0
 from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.space import DefineByRun, grid_pairs
-from tune.trainables import read_checkpoint, stage1, stage2, trial_context
+from tune.trainables import ranked_head, read_checkpoint, stage1, stage2, trial_context
+from wsss.analysis import pick_quality
 from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
+from wsss.objectives import OBJECTIVES
 from wsss.pipeline import AffinityTrial, Prepared, digest
 from wsss.pseudo_labels import export_labels
 from wsss.segmentation import build_model
@@ -62,8 +64,9 @@ def trial_device(device: str, gpus: float) -> str:
 
 
 def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: str,
-               parent_run_id: str, resume: bool = False) -> pd.DataFrame:
-    """Run every stage-1 trial under Ray Tune; returns one row per trial (its last report)."""
+               parent_run_id: str, resume: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run every stage-1 trial under Ray Tune; returns one row per trial (its metrics at the
+    ranking epoch) and one row per trial and epoch."""
     search, threads = cfg.search, max(1, int(cfg.search.cpus_per_trial))
     param_space, algo, num_samples = stage1_space(search)
     scheduler = None
@@ -80,14 +83,15 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
     if resume and tune.Tuner.can_restore(str(stage_dir)):
         tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
                                    restart_errored=True)
-        return _trials_table(tuner.fit(), tracking_uri)
+        return _trials_table(tuner.fit(), tracking_uri, search.rank_epoch)
     total = len(param_space["pair"]["grid_search"]) if param_space else num_samples
     if cfg.runtime.progress:
         say(f"stage 1: {total} trials ({search.space} space), objective {search.objective}, "
              f"{'ASHA' if scheduler else 'no early stopping'}, up to {search.max_concurrent} "
              f"at a time")
-    callbacks = ([Stage1Progress(total, cfg.affinity.epochs, search.objective)]
-                 if cfg.runtime.progress else [])
+    callbacks = [tracking.CloseStoppedRuns(tracking_uri, cfg.affinity.epochs)] + (
+        [Stage1Progress(total, cfg.affinity.epochs, search.objective)]
+        if cfg.runtime.progress else [])
     tuner = tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
@@ -97,7 +101,7 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
         run_config=tune.RunConfig(name="stage1", storage_path=str(search_dir),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=callbacks, verbose=0))
-    return _trials_table(tuner.fit(), tracking_uri)
+    return _trials_table(tuner.fit(), tracking_uri, search.rank_epoch)
 
 
 def _failure(result: tune.Result, stage: int, tracking_uri: str) -> str | None:
@@ -118,24 +122,66 @@ def _failure(result: tune.Result, stage: int, tracking_uri: str) -> str | None:
     return reason
 
 
-def _trials_table(results: tune.ResultGrid, tracking_uri: str) -> pd.DataFrame:
-    """One row per trial: its id, MLflow run, whether it failed and its last report."""
-    rows = []
+RAY_KEYS = ("timestamp", "pid", "time_since_restore", "iterations_since_restore",
+            "time_this_iter_s", "time_total_s", "done")
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, Any]:
+    """A report's metrics, without Ray's bookkeeping."""
+    return {k: v for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in RAY_KEYS}
+
+
+def _history(result: tune.Result, step: str = "epoch") -> pd.DataFrame:
+    """Every epoch a trial reported, once each (an epoch re-run after a crash keeps its last
+    report), numbered by ``step`` in column ``epoch``."""
+    frame = result.metrics_dataframe
+    if frame is None or step not in frame:
+        return pd.DataFrame()
+    frame = frame.drop(columns=["epoch"] if step != "epoch" and "epoch" in frame else [])
+    return (frame.rename(columns={step: "epoch"}).drop_duplicates("epoch", keep="last")
+            .sort_values("epoch", ignore_index=True))
+
+
+def _ranking_row(result: tune.Result, history: pd.DataFrame, rank_epoch: str) -> dict[str, Any]:
+    """A trial's metrics at its ranking epoch (docs: ``search.rank_epoch``): the last epoch, or
+    the epoch with the best driving objective (the earliest on ties). ``training_iteration``
+    stays the number of epochs trained, which promotion checks."""
+    last = _numbers(result.metrics)
+    if rank_epoch != "best" or history.empty or "objective" not in history:
+        return {**last, "rank_epoch": last.get("epoch", 0)}
+    best = history.loc[history["objective"].idxmax()]
+    return {**last, **_numbers(best.to_dict()), "training_iteration":
+            last["training_iteration"], "rank_epoch": int(best["epoch"])}
+
+
+def _trials_table(results: tune.ResultGrid, tracking_uri: str,
+                  rank_epoch: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per trial (its id, MLflow run, whether it failed and its metrics at the ranking
+    epoch), and one row per trial and epoch (the learning curves)."""
+    rows, curves = [], []
     for result in results:
         failed = _failure(result, 1, tracking_uri) is not None
+        history = _history(result)
         rows.append({"trial_id": result.metrics["trial_id"],
                      "mlflow_run_id": result.metrics["mlflow_run_id"],
                      "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                     "failed": int(failed), **{
-            k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k not in (
-                "timestamp", "pid", "time_since_restore", "iterations_since_restore")}})
-    return pd.DataFrame(rows).sort_values(["bg", "fg"], ignore_index=True)
+                     "failed": int(failed), **_ranking_row(result, history, rank_epoch)})
+        if not history.empty:
+            curves.append(history[[c for c in history if c in ("trial_id", "bg", "fg")
+                                   or c in _numbers(history.iloc[0].to_dict())]])
+    table = pd.DataFrame(rows).sort_values(["bg", "fg"], ignore_index=True)
+    epochs = (pd.concat(curves, ignore_index=True).sort_values(["bg", "fg", "epoch"],
+                                                              ignore_index=True)
+              if curves else pd.DataFrame())
+    return table, epochs
 
 
 def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search_dir: Path,
-               tracking_uri: str, parent_run_id: str) -> pd.DataFrame:
+               tracking_uri: str, parent_run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """DeepLabv3+ on each promoted pair's pseudo-labels (whole train split); one row per
-    candidate with its last ``val_miou`` and the checkpoint holding its trained model."""
+    candidate with its last ``val_miou`` and the checkpoint holding its trained model, and one
+    row per candidate and epoch."""
     search = cfg.search
     cpus = search.stage2_cpus_per_trial or search.cpus_per_trial
     gpus = search.stage2_gpus_per_trial
@@ -145,7 +191,8 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
     context = {**trial_context(cfg.data, cfg.affinity, prepared, search.objective,
                                max(1, int(cpus)), tracking_uri, parent_run_id,
                                trial_device(cfg.runtime.device, gpus)),
-               "segmentation": cfg.segmentation.model_dump(mode="json")}
+               "segmentation": cfg.segmentation.model_dump(mode="json"),
+               "rank_epoch": search.rank_epoch}
     grid = [{"bg": r.bg, "fg": r.fg, "checkpoint": r.checkpoint}
             for r in candidates.itertuples()]
     trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
@@ -168,29 +215,33 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[Stage2Progress(cfg.segmentation.epochs)] if cfg.runtime.progress
                 else []))
-    rows = []
+    rows, curves = [], []
     for result in tuner.fit():
         m = result.metrics or {}
+        history = _history(result, "training_iteration")
+        if not history.empty:
+            curves.append(history[[c for c in ("bg", "fg", "epoch", "seg_loss", "val_miou")
+                                   if c in history]])
         done = (_failure(result, 2, tracking_uri) is None
                 and m.get("training_iteration", 0) >= cfg.segmentation.epochs)
         rows.append({"bg": m["bg"], "fg": m["fg"], "stage2_failed": int(not done),
                      "val_miou": m.get("val_miou", float("nan")) if done else float("nan"),
                      "seg_loss": m["seg_loss"], "stage2_run_id": m["mlflow_run_id"],
                      "stage2_checkpoint": result.checkpoint.path if result.checkpoint else None})
-    return candidates.merge(pd.DataFrame(rows), on=["bg", "fg"], how="left")
+    epochs = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    return candidates.merge(pd.DataFrame(rows), on=["bg", "fg"], how="left"), epochs
 
 
-def promote(table: pd.DataFrame, *, k: int, policy: str, epochs: int) -> pd.DataFrame:
-    """The top-k trials for stage 2 (DESIGN §5).
+def promote(table: pd.DataFrame, *, k: int | str, policy: str, epochs: int) -> pd.DataFrame:
+    """The top-k trials for stage 2 (docs: promotion); ``k = "all"`` promotes every qualifying
+    trial (the oracle).
 
     Only trials that finished every epoch, did not fail and are not degenerate qualify.
     ``global``: the k best by objective; ``per_bg``: the best FG of each BG first, then the k
     best of those (more diverse). Ties: objective descending, then bg, then fg ascending
     (deterministic).
     """
-    failed = table["failed"] if "failed" in table else 0
-    finished = table[(table["training_iteration"] >= epochs) & (table["degenerate"] == 0)
-                     & (failed == 0)]
+    finished = rankable(table, epochs)
     if finished.empty:
         stopped = int((table["training_iteration"] < epochs).sum())
         degenerate = int((table["degenerate"] != 0).sum())
@@ -201,15 +252,23 @@ def promote(table: pd.DataFrame, *, k: int, policy: str, epochs: int) -> pd.Data
         ranked = ranked.drop_duplicates("bg", keep="first")
     elif policy != "global":
         raise ValueError(f"unknown promotion policy {policy!r}")
+    if k == "all":
+        return ranked.reset_index(drop=True)
     if len(ranked) < k:
         log.warning("only %d trials qualify for promotion (top_k=%d)", len(ranked), k)
     return ranked.head(k).reset_index(drop=True)
 
 
-def select(candidates: pd.DataFrame, *, pick: str, objective: str, policy: str) -> dict[str, Any]:
+GROUND_TRUTH_PROXIES = ("pqs_avg", "pqs_pseudo", "miou_pseudo")
+
+
+def select(candidates: pd.DataFrame, *, pick: str, objective: str, policy: str,
+           rank_epoch: str = "last", oracle: bool = False) -> dict[str, Any]:
     """The final pair with its evidence. ``objective`` (default) uses no ground truth; ``val_miou``
     does, and the result says so. With val mIoU available, the regret of the pick against the
-    best candidate by val mIoU is reported too."""
+    best candidate by val mIoU is reported, with its scope: the promoted candidates only, or
+    (``oracle``: every finished pair was promoted) all of them; the oracle also scores how
+    well each objective, and each ground-truth proxy, would have picked (`pick_quality`)."""
     key = "objective" if pick == "objective" else "val_miou"
     if key not in candidates or candidates[key].isna().all():
         raise UserError(f"cannot pick by {pick}: no candidate has it (was stage 2 run, and does "
@@ -219,6 +278,7 @@ def select(candidates: pd.DataFrame, *, pick: str, objective: str, policy: str) 
     chosen = ranked.iloc[0]
     out = {"pair": {"bg": float(chosen.bg), "fg": float(chosen.fg)}, "pick": pick,
            "uses_ground_truth": pick == "val_miou", "objective": objective, "policy": policy,
+           "rank_epoch": rank_epoch,
            "metrics": {k: (None if pd.isna(v) else v) for k, v in chosen.items()
                        if isinstance(v, (int, float))},
            "ranked": ranked.drop(columns=["checkpoint"], errors="ignore")
@@ -228,13 +288,21 @@ def select(candidates: pd.DataFrame, *, pick: str, objective: str, policy: str) 
         out["best_by_val_miou"] = {"bg": float(best.bg), "fg": float(best.fg),
                                    "val_miou": float(best.val_miou)}
         out["regret_val_miou"] = float(best.val_miou - chosen.val_miou)
+        out["regret_scope"] = "all" if oracle else "candidates"
+        out["regret_pairs"] = int(ranked["val_miou"].notna().sum())
+        if oracle:
+            names = [n for n in (*OBJECTIVES, *GROUND_TRUTH_PROXIES) if n in ranked]
+            out["evaluation"] = {n: {**q, "uses_ground_truth": n in GROUND_TRUTH_PROXIES}
+                                 for n in names
+                                 if (q := pick_quality(ranked, n, "val_miou")) is not None}
     return out
 
 
 def write_selection(cfg: Config, folder: Path, candidates: pd.DataFrame, pick: str,
                     policy: str) -> dict[str, Any]:
     """``selection.json`` (the pair and its evidence) and ``thresholds.yaml``, atomically."""
-    selection = select(candidates, pick=pick, objective=cfg.search.objective, policy=policy)
+    selection = select(candidates, pick=pick, objective=cfg.search.objective, policy=policy,
+                       rank_epoch=cfg.search.rank_epoch, oracle=cfg.search.top_k == "all")
     write_json_atomic(folder / "selection.json", selection)
     atomic_write_bytes(folder / "thresholds.yaml", yaml.safe_dump(
         {**selection["pair"], "search": cfg.name, "pick": pick, "policy": policy,
@@ -278,7 +346,8 @@ def export_run_labels(folder: Path, out: Path,
                         f"searched pairs: {searched}")
     prepared = stage0(cfg).with_live_features(cfg.affinity, cfg.runtime.device)
     trial = AffinityTrial(prepared, cfg.affinity, pair[0], pair[1], device=cfg.runtime.device)
-    trial.load_state_dict(read_checkpoint(Path(match.iloc[0].checkpoint)))
+    trial.load_state_dict(ranked_head(read_checkpoint(Path(match.iloc[0].checkpoint)),
+                                      cfg.search.rank_epoch))
     return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
 
 
@@ -340,6 +409,9 @@ def ray_session(address: str | None, uri: str, parent: str,
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables
     address = cluster.resolve_address(address)
     if address is None:
+        # a local Ray turns token auth on by itself and warns that it did: no news for a user
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR)
         # Ray counts the CPUs itself (it honours a container's CPU quota; os.cpu_count does
         # not); its INFO lines are replaced by our progress lines
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
@@ -375,8 +447,9 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         if cfg.search.stage2:  # a wrong encoder or weights file fails now, not after stage 1
             build_model(cfg.segmentation, prepared.train.num_classes)
         with ray_session(address, uri, parent, *_folders(cfg, folder)):
-            table = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
+            table, curves = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
         write_csv_atomic(table, folder / "stage1.csv")
+        write_csv_atomic(curves, folder / "stage1_epochs.csv")
         search = cfg.search
         candidates = promote(table, k=search.top_k, policy=search.policy,
                              epochs=cfg.affinity.epochs)
@@ -387,13 +460,39 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         write_json_atomic(folder / "candidates.json", summary)
         if search.stage2:
             with ray_session(address, uri, parent, *_folders(cfg, folder)):
-                candidates = run_stage2(cfg, candidates, prepared, folder, uri, parent)
+                candidates, seg_curves = run_stage2(cfg, candidates, prepared, folder, uri,
+                                                    parent)
             write_csv_atomic(candidates.drop(columns=["checkpoint"]), folder / "stage2.csv")
+            write_csv_atomic(seg_curves, folder / "stage2_epochs.csv")
         selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
+        tracking.record_selection(uri, parent, selection, table, candidates,
+                                  rankable(table, cfg.affinity.epochs))
+        report = finish_report(folder, uri, parent, cfg.runtime.progress)
         tracking.log_artifacts(uri, parent, [folder / n for n in (
-            "stage1.csv", "candidates.json", "stage2.csv", "selection.json", "thresholds.yaml")])
+            "stage1.csv", "stage1_epochs.csv", "candidates.json", "stage2.csv",
+            "stage2_epochs.csv", "selection.json", "thresholds.yaml")])
         status = "FINISHED"
     finally:
         tracking.finish(uri, parent, status)
     return {"table": table, "candidates": candidates, "selection": selection, "folder": folder,
-            "tracking_uri": uri, "parent_run_id": parent}
+            "tracking_uri": uri, "parent_run_id": parent, "report": report}
+
+
+def rankable(table: pd.DataFrame, epochs: int) -> pd.DataFrame:
+    """The stage-1 trials that a ranking can hold: finished every epoch, not degenerate, not
+    failed."""
+    failed = table["failed"] if "failed" in table else 0
+    return table[(table["training_iteration"] >= epochs) & (table["degenerate"] == 0)
+                 & (failed == 0)]
+
+
+def finish_report(folder: Path, uri: str, parent: str, progress: bool) -> Path:
+    """The search's HTML report (`tune.report`), also logged under the parent run's
+    ``report/`` artifacts."""
+    from tune.report import write_report
+
+    if progress:
+        say("writing the report ...")
+    index = write_report(folder)
+    tracking.log_folder(uri, parent, index.parent, "report")
+    return index

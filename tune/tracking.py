@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from ray.tune import Callback
 
 EXPERIMENT = "wsss-tune"
 PACKAGES = ("wsss-tune", "torch", "timm", "ray", "mlflow", "optuna", "numpy",
@@ -36,11 +38,27 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+# MLflow 3 opens an experiment in its GenAI (traces) view unless it is marked as model training
+TRAINING_VIEW = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, uri: str) -> str:
     found = client.get_experiment_by_name(EXPERIMENT)
-    if found:
-        return found.experiment_id
-    return client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri))
+    if found is None:
+        return client.create_experiment(EXPERIMENT, artifact_location=artifact_root(uri),
+                                        tags=TRAINING_VIEW)
+    for key, value in TRAINING_VIEW.items():  # stores made before the tag existed
+        if found.tags.get(key) != value:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def run_url(uri: str, run_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of a run: on ``uri`` itself for a tracking server, else on ``server``
+    (where ``mlflow ui`` listens by default)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else server
+    experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -147,3 +165,86 @@ def log_artifacts(uri: str, run_id: str, paths: list[Path]) -> None:
     for path in paths:
         if path.exists():
             client.log_artifact(run_id, str(path))
+
+
+def log_folder(uri: str, run_id: str, folder: Path, name: str) -> None:
+    """A folder's files as the run's artifacts under ``name/``."""
+    MlflowClient(uri).log_artifacts(run_id, str(folder), name)
+
+
+class CloseStoppedRuns(Callback):
+    """Ends a stage-1 trial's child run as soon as ASHA stops the trial (FINISHED,
+    ``stopped_early=true``), so that its duration in MLflow is the trial's own; a trial that
+    trains every epoch ends its run itself."""
+
+    def __init__(self, uri: str, epochs: int) -> None:
+        self.uri, self.epochs = uri, epochs
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        if "mlflow_run_id" in result and result.get("training_iteration", 0) < self.epochs:
+            finish(self.uri, result["mlflow_run_id"], stopped_early="true")
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None or value != value else f"{value:.2%}"
+
+
+def selection_note(selection: dict[str, Any]) -> str:
+    """The parent run's description (Markdown): the pick, its rule and its evidence."""
+    pair, m, name = selection["pair"], selection["metrics"], selection["objective"]
+    rule = (f"the best {name} among the promoted pairs (no ground truth used)"
+            if selection["pick"] == "objective" else "the best val mIoU (uses ground truth)")
+    lines = [f"**Selected (BG, FG) = ({pair['bg']:g}, {pair['fg']:g})**, by {rule}; "
+             f"each pair ranked by its {selection['rank_epoch']} epoch's {name}.",
+             "", f"- {name}: {m.get('objective', float('nan')):.4f}",
+             f"- PQS (avg of initial and pseudo-label): {_pct(m.get('pqs_avg'))}",
+             f"- val mIoU (DeepLabv3+): {_pct(m.get('val_miou'))}"]
+    if "regret_val_miou" in selection:
+        scope = ("all finished pairs (oracle)" if selection["regret_scope"] == "all"
+                 else "the promoted candidates only, not all searched pairs")
+        lines.append(f"- regret of the pick: {100 * selection['regret_val_miou']:.2f} points "
+                     f"of val mIoU, against {selection['regret_pairs']} pairs: {scope}")
+    lines += ["", f"Child runs: sort by `ranked_{name}` (descending) to rank the pairs as the "
+              "search did; tag `selected = true` marks the pick's runs, `promoted = true` the "
+              "pairs trained in stage 2, whose stage-1 runs also hold `val_miou`. The `report/` "
+              "artifacts hold the heatmaps, statistics and sample pseudo-labels."]
+    return "\n".join(lines)
+
+
+def record_selection(uri: str, parent_id: str, selection: dict[str, Any], table: pd.DataFrame,
+                     candidates: pd.DataFrame, ranked: pd.DataFrame) -> None:
+    """Make the selection visible in MLflow: the parent run gets the pick's numbers, tags and a
+    description; every ranked stage-1 run ``ranked_<objective>`` (its ranking value; stopped,
+    failed and degenerate trials none, so sorting by it puts the pick of the objective first);
+    promoted stage-1 runs their stage-2 ``val_miou``; the pick's runs ``selected = true``."""
+    client = MlflowClient(uri)
+    pair, name, now = selection["pair"], selection["objective"], int(time.time() * 1000)
+    chosen = (table.bg == pair["bg"]) & (table.fg == pair["fg"])
+    for row in ranked.itertuples():
+        client.log_batch(row.mlflow_run_id, metrics=[
+            Metric(f"ranked_{name}", float(row.objective), now, 0)])
+    for row in candidates.itertuples():
+        val = getattr(row, "val_miou", float("nan"))
+        client.log_batch(row.mlflow_run_id, tags=[RunTag("promoted", "true")], metrics=[
+            Metric("val_miou", float(val), now, 0)] if val == val else [])
+    selected = [*table.loc[chosen, "mlflow_run_id"]]
+    if "stage2_run_id" in candidates:
+        at = (candidates.bg == pair["bg"]) & (candidates.fg == pair["fg"])
+        selected += [r for r in candidates.loc[at, "stage2_run_id"] if isinstance(r, str)]
+    for run_id in selected:
+        client.set_tag(run_id, "selected", "true")
+    m = selection["metrics"]
+    metrics = {"selected_bg": pair["bg"], "selected_fg": pair["fg"],
+               f"selected_{name}": m.get("objective"), "selected_pqs_avg": m.get("pqs_avg"),
+               "selected_val_miou": m.get("val_miou"),
+               "regret_val_miou": selection.get("regret_val_miou")}
+    for proxy, quality in selection.get("evaluation", {}).items():
+        metrics[f"oracle_regret_{proxy}"] = quality["regret"]
+        metrics.update({f"oracle_recall{k}_{proxy}": float(v)
+                        for k, v in quality["recall"].items()})
+    client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                                         if v is not None and v == v], tags=[
+        RunTag("selected_pair", f"({pair['bg']:g}, {pair['fg']:g})"),
+        RunTag("selection_rule", f"{selection['pick']}:{name}:{selection['rank_epoch']}"),
+        RunTag("mlflow.note.content", selection_note(selection))])

@@ -19,7 +19,7 @@ from ray import tune
 from tune import tracking
 from wsss.affinity import AffinitySpec
 from wsss.data import DataSpec
-from wsss.objectives import driving_value
+from wsss.objectives import OBJECTIVES, driving_value
 from wsss.pipeline import AffinityTrial, Prepared, run_trial
 from wsss.segmentation import SegmentationSpec, build_model, train_segmentation
 
@@ -99,17 +99,32 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     run_id = tracking.start_child(uri, context["parent_run_id"], 1,
                                   tune.get_context().get_trial_id(), bg, fg)
     logged = tracking.logged_steps(uri, run_id)
+    best: dict[str, Any] | None = None  # the best epoch so far: its objective and edge head
     if (state := _restored()) is not None:  # same weights and epoch (and the same MLflow run)
         trial.load_state_dict(state)
+        best = state.get("best")
     for metrics in run_trial(bg, fg, prepared, spec, trial=trial):
         objective = driving_value(metrics, context["objective"])
         report = {**metrics, "bg": bg, "fg": fg, "objective": objective}
-        if metrics["epoch"] not in logged:
-            tracking.log_epoch(uri, run_id, {k: v for k, v in report.items()
-                                             if k not in ("bg", "fg", "epoch")}, metrics["epoch"])
+        if best is None or objective > best["objective"]:  # ties: the earlier epoch stays
+            best = {"epoch": metrics["epoch"], "objective": objective,
+                    "head": {k: v.detach().cpu().clone()
+                             for k, v in trial.head.state_dict().items()}}
+        if metrics["epoch"] not in logged:  # a degenerate pair's objectives are undefined
+            skip = {"bg", "fg", "epoch", *(OBJECTIVES if metrics["degenerate"] else ())}
+            tracking.log_epoch(uri, run_id, {k: v for k, v in report.items() if k not in skip},
+                               metrics["epoch"])
         if metrics["epoch"] == spec.epochs:  # before the last report: Tune may end us there
             tracking.finish(uri, run_id, stopped_early="false")
-        _report({**report, "mlflow_run_id": run_id}, trial.state_dict())
+        _report({**report, "mlflow_run_id": run_id}, {**trial.state_dict(), "best": best})
+
+
+def ranked_head(state: dict[str, Any], rank_epoch: str) -> dict[str, Any]:
+    """A stage-1 checkpoint as the trial state whose edge head a ranked pair is judged by: the
+    last epoch's, or (``rank_epoch: best``) the head of the epoch with the best objective."""
+    if rank_epoch == "best" and state.get("best") is not None:
+        return {**state, "head": state["best"]["head"]}
+    return state
 
 
 def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -132,7 +147,8 @@ def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
         return
     trial = AffinityTrial(prepared.with_live_features(spec, device), spec, bg, fg,
                           device=device)
-    trial.load_state_dict(read_checkpoint(Path(candidate["checkpoint"])))
+    trial.load_state_dict(ranked_head(read_checkpoint(Path(candidate["checkpoint"])),
+                                      context["rank_epoch"]))
     labels = dict(trial.pseudo_labels())
     data = DataSpec.model_validate(context["data"])
     val = data.open("val") if data.has_split("val") else None

@@ -342,6 +342,12 @@ class SyntheticSpec(Spec):
     size: int = Field(64, ge=16)
     classes: int = Field(5, ge=1)
     class_colour: float = Field(0.9, ge=0, le=1, description="share of objects in class hue")
+    max_objects: int = Field(3, ge=1, description="objects per image: 1 to this")
+    scale: float = Field(1.0, ge=0.2, le=2.0, description="object size factor")
+    part_colour: float = Field(0.0, ge=0, le=1, description="share of objects whose class hue "
+                                                          "shows on a small part only")
+    context: float = Field(0.0, ge=0, le=1, description="share of objects with a class-specific "
+                                                      "background halo")
     seed: int = 0
 
 
@@ -376,7 +382,8 @@ class DataSpec(Spec):
         marker = self.root / SYNTHETIC_MARKER
         wanted = self.synthetic.model_dump()
         if marker.is_file():
-            found = json.loads(marker.read_text())
+            # read through the spec: a marker written before a parameter existed has its default
+            found = SyntheticSpec.model_validate(json.loads(marker.read_text())).model_dump()
             if found != wanted:
                 raise DataError(f"data.root {self.root} was generated with {found}, not the "
                                 f"configured data.synthetic {wanted}: choose another data.root "

@@ -9,7 +9,7 @@ same counts serve the non-neutral mIoU, the standard mIoU and both reference eva
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -175,16 +175,38 @@ def threshold_surface(
     return pd.DataFrame(rows)
 
 
-def transition_counts(initial: np.ndarray, refined: np.ndarray) -> dict[str, int]:
-    """Pixel counts TECM needs from one image's initial regions and refined pseudo-labels."""
+def transition_counts(initial: np.ndarray, refined: np.ndarray,
+                      num_classes: int | None = None) -> dict[str, Any]:
+    """Pixel counts the weakly supervised objectives need from one image's initial regions and
+    refined pseudo-labels; with ``num_classes``, also ``agreement``: the ``[C, C + 1]`` confusion
+    of the pseudo-labels against the initial regions on the initially confident pixels."""
     was_neutral = initial == NEUTRAL
-    return {
+    counts: dict[str, Any] = {
         "n_pixels": int(initial.size),
         "neutral_initial": int(was_neutral.sum()),
         "neutral_refined": int((refined == NEUTRAL).sum()),
         "n_to_b": int((was_neutral & (refined == 0)).sum()),
         "n_to_f": int((was_neutral & (refined != 0) & (refined != NEUTRAL)).sum()),
     }
+    if num_classes is not None:
+        counts["agreement"] = confusion(refined, initial, num_classes)
+    return counts
+
+
+def self_pqs(counts: Sequence[dict[str, Any]]) -> float:
+    """PQS of the pseudo-labels with the initial confident regions standing in for the ground
+    truth: the mIoU of pseudo-labels against initial regions on pixels confident in both, times
+    the pseudo-labels' confident share ``1 - NPR``. It keeps PQS's trade-off (accuracy against
+    data kept) without labels. Needs counts made with ``num_classes``."""
+    conf = sum(c["agreement"] for c in counts)
+    pixels = sum(c["n_pixels"] for c in counts)
+    neutral = sum(c["neutral_refined"] for c in counts)
+    if not pixels or neutral == pixels:
+        return 0.0
+    both = np.zeros_like(conf)
+    both[:, :-1] = conf[:, :-1]
+    miou = mean_iou(both)
+    return 0.0 if miou != miou else float(miou * (1.0 - neutral / pixels))
 
 
 def tecm(npr_i, npr_r, n_to_b, n_to_f, eps: float = 1e-6):

@@ -9,11 +9,12 @@ search can be re-ranked by it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from wsss.errors import UserError
-from wsss.metrics import tecm_aggregate
+from wsss.metrics import self_pqs, tecm_aggregate
 
-Counts = Sequence[dict[str, int]]
+Counts = Sequence[dict[str, Any]]
 OBJECTIVES: dict[str, Callable[[Counts], float]] = {}
 
 
@@ -45,3 +46,4 @@ def all_objectives(counts: Counts) -> dict[str, float]:
 
 register("tecm", lambda counts: tecm_aggregate(counts, "image_mean")[0])
 register("tecm_pooled", lambda counts: tecm_aggregate(counts, "pooled")[0])
+register("spqs", self_pqs)

@@ -87,18 +87,33 @@ class Prepared:
         return replace(self, features=LiveFeatures(backbone, self.train, levels, dev))
 
 
+def _bars_off(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off unless asked for, and off on a non-terminal (None), where every
+    refresh would be appended to one ever-growing line of a log file."""
+    return None if progress else True
+
+
+def _not_built(what: str, path: Path, build: bool) -> None:
+    """With ``build`` off, a stage-0 artefact that is not cached is an error, not a training."""
+    if not build:
+        raise UserError(f"stage 0 is not cached: no current {what} at {path}")
+
+
 def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None, key: str,
-                cache_root: Path, device: torch.device, progress: bool) -> tuple[Path, dict]:
+                cache_root: Path, device: torch.device, progress: bool,
+                build: bool = True) -> tuple[Path, dict]:
     folder = cache_root / f"classifier-{key}"
     path, stats_path = folder / "model.pt", folder / "stats.json"
     if path.is_file() and stats_path.is_file():
         log.info("classifier: cached at %s", folder)
         return path, json.loads(stats_path.read_text())
+    _not_built("classifier", folder, build)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)  # the initial weights too: the same config trains the same model
     model = CamClassifier(spec.backbone(), train.num_classes - 1)
     start = time.perf_counter()
-    with tqdm(total=spec.epochs, desc="classifier", unit="epoch", disable=not progress) as bar:
+    with tqdm(total=spec.epochs, desc="classifier", unit="epoch",
+              disable=_bars_off(progress)) as bar:
         def on_epoch(epoch: int, loss: float) -> None:
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update()
@@ -110,22 +125,24 @@ def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None,
                                   "num_foreground": train.num_classes - 1,
                                   "class_names": list(train.class_names)})
     write_json_atomic(stats_path, stats)
+    m = stats["classifier_map"]
     log.info("classifier: trained in %.1f s, val mAP %s", stats["classifier_train_s"],
-             stats["classifier_map"])
+             "n/a (no val split)" if m is None else f"{m:.2%}")
     return path, stats
 
 
 def _cam_store(spec: CamSpec, train: SegDataset, classifier_path: Path, manifest: dict,
-               path: Path, device: torch.device, progress: bool) -> CamStore:
+               path: Path, device: torch.device, progress: bool, build: bool = True) -> CamStore:
     if CamStore.is_current(path, manifest):
         log.info("CAM store: current at %s", path)
         return CamStore(path)
+    _not_built("CAM store", path, build)
     model, _ = load_classifier(classifier_path, device)
     sizes = [train.size(i) for i in range(len(train))]
     keys = [train.labels(i).tolist() for i in range(len(train))]
     shapes = [(len(k), *strided_size(s, spec.store_stride)) for k, s in zip(keys, sizes)]
     cams = tqdm(extract_cams(model, train, spec, device), total=len(train), desc="CAMs",
-                unit="img", disable=not progress)
+                unit="img", disable=_bars_off(progress))
     return CamStore.write(path, train.ids, shapes, cams, manifest,
                           meta={"keys": keys, "image_size": [list(s) for s in sizes]})
 
@@ -172,10 +189,11 @@ def _extract_features_batch(model: torch.nn.Module, data: SegDataset, idx: list[
 
 def _feature_store(model: torch.nn.Module, train: SegDataset, n: int, levels: list[int],
                    manifest: dict, path: Path, device: torch.device, batch_size: int,
-                   progress: bool) -> FeatureStore:
+                   progress: bool, build: bool = True) -> FeatureStore:
     if FeatureStore.is_current(path, manifest):
         log.info("feature store: current at %s", path)
         return FeatureStore(path)
+    _not_built("feature store", path, build)
     sizes = [train.size(i) for i in range(n)]
     with torch.no_grad():  # level shapes per distinct image size, from one dummy forward each
         shape_of = {}
@@ -183,7 +201,7 @@ def _feature_store(model: torch.nn.Module, train: SegDataset, n: int, levels: li
             feats = model(torch.zeros(1, 3, *size, device=device))
             shape_of[size] = [tuple(feats[j].shape[1:]) for j in levels]
     items = tqdm(_extract_features(model, train, n, levels, batch_size, device), total=n,
-                 desc="features", unit="img", disable=not progress)
+                 desc="features", unit="img", disable=_bars_off(progress))
     return FeatureStore.write_levels(path, train.ids[:n], [shape_of[s] for s in sizes], items,
                                      manifest)
 
@@ -241,25 +259,33 @@ class LiveFeatures:
 
 def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root: Path, *,
             affinity: AffinitySpec | None = None, imported: ImportSpec | None = None,
-            device: str = "auto", progress: bool = True) -> Prepared:
+            device: str = "auto", progress: bool = True, build: bool = True) -> Prepared:
     """Datasets, classifier and CAM store, each reused from ``cache_root`` when still valid;
-    with ``affinity`` given, a feature store of the images trials use (``affinity.subset``)."""
-    data.ensure()
+    with ``affinity`` given, a feature store of the images trials use (``affinity.subset``).
+    ``build=False`` only reopens what is cached (a `UserError` says what is not, and nothing is
+    generated, trained or extracted): how a report reads a finished search's stores."""
+    if build:
+        data.ensure()
+    elif not data.root.is_dir():
+        raise UserError(f"data.root {data.root} is not a folder")
     train = data.open("train", require_masks=False)  # TECM needs no ground truth
     val = data.open("val") if data.has_split("val") else None
     dev = resolve_device(device)
     fingerprint = train.fingerprint()
     if imported is None:
         clf_key = digest(classifier.model_dump(mode="json"), fingerprint)
-        clf_path, stats = _classifier(classifier, train, val, clf_key, cache_root, dev, progress)
+        clf_path, stats = _classifier(classifier, train, val, clf_key, cache_root, dev, progress,
+                                      build)
         manifest = {"kind": "cams", "classifier": clf_key, "cam": cam.model_dump(mode="json"),
                     "dataset": fingerprint, "split": "train", "n_images": len(train),
                     "num_classes": train.num_classes, "dtype": "float16"}
         store_path = cache_root / f"cams-{digest(manifest)}"
-        store = _cam_store(cam, train, clf_path, manifest, store_path, dev, progress)
+        store = _cam_store(cam, train, clf_path, manifest, store_path, dev, progress, build)
     else:
         clf_path, stats = None, {"classifier_map": None, "cams": f"imported {imported.format}"}
         key = digest(imported.model_dump(mode="json"), fingerprint)
+        if not (cache_root / f"cams-{key}").is_dir():
+            _not_built("imported CAM store", cache_root / f"cams-{key}", build)
         store = import_cams(imported.format, imported.dir, train, cache_root / f"cams-{key}",
                             allow_pickle=imported.allow_pickle, resolution=imported.resolution)
     if affinity is None:
@@ -273,7 +299,7 @@ def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root
                   "dtype": "float16"}
     features = _feature_store(backbone, train, n, levels, f_manifest,
                               cache_root / f"features-{digest(f_manifest)}", dev,
-                              cam.batch_size, progress)
+                              cam.batch_size, progress, build)
     return Prepared(train=train, val=val, classifier_path=clf_path, cams=store,
                     features=features, stats=stats)
 
@@ -287,7 +313,8 @@ def initial_surface(prepared: Prepared, pairs: Sequence[tuple[float, float]],
                         f"train split has no masks in {train.root / train.mask_dir}")
     n = len(train) if subset is None else min(subset, len(train))
     idx = [store.position(train.ids[i]) for i in range(n)]
-    scores = (store.scores(j) for j in tqdm(idx, desc="surface", unit="img", disable=not progress))
+    scores = (store.scores(j)
+              for j in tqdm(idx, desc="surface", unit="img", disable=_bars_off(progress)))
     return threshold_surface(scores, (store.keys(j) for j in idx),
                              (train.mask(i) for i in range(n)), pairs, train.num_classes)
 
@@ -398,11 +425,13 @@ class AffinityTrial:
 
     # ---- refinement and metrics -------------------------------------------------------------
     @torch.no_grad()
-    def _refined(self):
-        """Yield (trial image, pseudo-labels at image resolution)."""
+    def _refined(self, only: Sequence[int] | None = None):
+        """Yield (trial image, pseudo-labels at image resolution) for every trial image, or for
+        the trial images ``only`` (a report's few samples need not refine the whole subset)."""
         self.head.eval()
         store = self.prepared.cams
-        for batch in self._batches(np.arange(len(self.index))):
+        chosen = np.arange(len(self.index)) if only is None else np.asarray(only, dtype=np.int64)
+        for batch in self._batches(chosen):
             grid = self._grid(batch[0])
             edges = torch.sigmoid(self.head(self._features(batch), grid)).cpu()
             for k, edge in zip(batch, edges):
@@ -430,7 +459,7 @@ class AffinityTrial:
                 if first:
                     conf_i += confusion(initial, gt, c)
                 conf_p += confusion(pseudo, gt, c)
-            counts.append(transition_counts(initial, pseudo))
+            counts.append(transition_counts(initial, pseudo, c))
         if first:
             self._conf_initial = conf_i
         conf_i = self._conf_initial
@@ -452,11 +481,15 @@ class AffinityTrial:
             "pqs_avg": (initial["pqs"] + pseudo["pqs"]) / 2, "miou_pseudo": pseudo["miou"],
         }
 
-    def pseudo_labels(self):
-        """Yield (image id, uint8 pseudo-label map) for every trial image."""
+    def pseudo_labels(self, only: Sequence[int] | None = None):
+        """Yield (image id, uint8 pseudo-label map) for every trial image (or those ``only``)."""
         ids = self.prepared.features.ids
-        for k, pseudo in self._refined():
+        for k, pseudo in self._refined(only):
             yield ids[k], pseudo
+
+    def initial_and_truth(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Trial image k's initial regions and ground truth (None without masks), image size."""
+        return self._initial_and_truth(k)
 
     # ---- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ _LOW_CONTRAST_P = 0.06
 _BG_DESATURATE = 0.5
 _OTHER_RANDOM_P = 0.25
 _GOLDEN = 0.618034  # hue step between classes: any first K classes get well-spread hues
+_FADE = 0.5  # share of the class hue in the body of an object whose part shows it fully
 
 
 def _star_polygon(u: np.ndarray, v: np.ndarray, n: int, outer: float, inner: float) -> np.ndarray:
@@ -152,7 +153,7 @@ def _object_colour(
     if draw < _LOW_CONTRAST_P:
         return covered + rng.normal(0, 25, 3)
     if draw < _LOW_CONTRAST_P + (1 - _LOW_CONTRAST_P) * class_colour:
-        hue = ((class_id - 1) * _GOLDEN + rng.normal(0, 0.03)) % 1.0
+        hue = (_class_hue(class_id) + rng.normal(0, 0.03)) % 1.0
         return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1), rng.uniform(0.45, 1))) * 255
     return rng.uniform(0, 255, 3)
 
@@ -185,17 +186,25 @@ def _texture(
     return colour * (1.0 + rng.uniform(0.0, 0.35) * (ramp - ramp.mean()))[..., None]
 
 
+def _object_count(rng: np.random.Generator, max_objects: int) -> int:
+    """1-3 objects in the measured default mix; with more allowed, uniform over 1..max."""
+    if max_objects == 3:
+        return int(rng.choice(3, p=[0.4, 0.35, 0.25])) + 1
+    return int(rng.integers(1, max_objects + 1))
+
+
 def _draw_objects(
-    rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, classes: int
+    rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, classes: int, max_objects: int,
+    scale: float,
 ) -> list[tuple[int, np.ndarray, float]]:
-    """1-3 objects as (class id, mask, full area in pixels); later ones lie on top. Some are placed
+    """Objects as (class id, mask, full area in pixels); later ones lie on top. Some are placed
     against an earlier one so that touching and occlusion are common."""
     size = xs.shape[0]
     objects: list[tuple[int, np.ndarray, float]] = []
     centres: list[tuple[np.ndarray, float]] = []
-    for _ in range(rng.choice(3, p=[0.4, 0.35, 0.25]) + 1):
+    for _ in range(_object_count(rng, max_objects)):
         class_id = int(rng.integers(1, classes + 1))
-        radius = rng.uniform(0.14, 0.30) * size
+        radius = rng.uniform(0.14, 0.30) * size * scale
         if centres and rng.random() < 0.4:
             near, near_radius = centres[int(rng.integers(len(centres)))]
             direction = rng.uniform(0, 2 * np.pi)
@@ -256,21 +265,64 @@ def _compose(
             return kept, instance, labels
 
 
+def _class_hue(class_id: int) -> float:
+    return ((class_id - 1) * _GOLDEN) % 1.0
+
+
+def _context(rng: np.random.Generator, canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray,
+             class_id: int, mask: np.ndarray) -> None:
+    """A soft halo in the class's context hue (opposite its own) around an object: background
+    that co-occurs with the class, which a classifier learns to lean on (as boats and water)."""
+    cy, cx = ys[mask].mean(), xs[mask].mean()
+    sigma = np.sqrt(mask.sum() / np.pi) * rng.uniform(1.3, 2.0)
+    hue = (_class_hue(class_id) + 0.5) % 1.0
+    colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1), rng.uniform(0.5, 1))) * 255
+    d2 = (xs - cx) ** 2 + (ys - cy) ** 2
+    _blend(canvas, colour, rng.uniform(0.6, 0.9) * np.exp(-d2 / (2 * sigma**2)))
+
+
+def _part(rng: np.random.Generator, xs: np.ndarray, ys: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A small disc inside an object (about a quarter of its area): the only place that shows
+    the class hue, so CAMs peak on this most discriminative part, not the whole object."""
+    inside = np.flatnonzero(mask)
+    centre = inside[int(rng.integers(inside.size))]
+    radius = np.sqrt(mask.sum() / np.pi) * rng.uniform(0.4, 0.55)
+    d2 = (xs - xs.flat[centre]) ** 2 + (ys - ys.flat[centre]) ** 2
+    return mask & (d2 <= radius**2)
+
+
 def _render(
-    rng: np.random.Generator, size: int, classes: int, class_colour: float
+    rng: np.random.Generator, size: int, classes: int, class_colour: float, max_objects: int,
+    scale: float, part_colour: float, context: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One image (uint8 HxWx3) and its label map (uint8 HxW, 255 borders)."""
+    """One image (uint8 HxWx3) and its label map (uint8 HxW, 255 borders). The hard options
+    (`part_colour`, `context`) draw from the stream only when on, so the default data is
+    unchanged by their existence."""
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     canvas = _background(rng, xs, ys)
     width = max(1, size // 64)
     while True:  # re-draw until at least one object stays visible
-        objects = _draw_objects(rng, xs, ys, classes)
+        objects = _draw_objects(rng, xs, ys, classes, max_objects, scale)
         kept, instance, labels = _compose(objects, width)
         if kept:
             break
+    if context > 0:
+        for k in kept:
+            if rng.random() < context:
+                _context(rng, canvas, xs, ys, objects[k][0], instance == k)
     for k in kept:
         mask = instance == k
-        base = _object_colour(rng, objects[k][0], canvas[mask].mean(axis=0), class_colour)
+        class_id = objects[k][0]
+        if part_colour > 0 and rng.random() < part_colour:
+            # the part in the class hue; the body only a faded mix of it: weaker evidence
+            part = _part(rng, xs, ys, mask)
+            body = mask & ~part
+            hue = _object_colour(rng, class_id, canvas[part].mean(axis=0), 1.0)
+            faded = _FADE * hue + (1 - _FADE) * rng.uniform(0, 255, 3)
+            canvas[body] = _texture(rng, xs[body], ys[body], faded, size)
+            canvas[part] = _texture(rng, xs[part], ys[part], hue, size)
+            continue
+        base = _object_colour(rng, class_id, canvas[mask].mean(axis=0), class_colour)
         canvas[mask] = _texture(rng, xs[mask], ys[mask], base, size)
     canvas += rng.normal(0, rng.uniform(2, 10), canvas.shape)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), labels
@@ -285,12 +337,21 @@ def generate(
     classes: int = 5,
     seed: int = 0,
     class_colour: float = 0.9,
+    max_objects: int = 3,
+    scale: float = 1.0,
+    part_colour: float = 0.0,
+    context: float = 0.0,
 ) -> Path:
     """Write a synthetic dataset in VOC layout under `out` and return that root.
 
     `class_colour` (0..1) is the probability that an object takes its class's hue: lower is
-    harder. The same arguments give byte-identical files (on the same numpy/Pillow): image i is
-    drawn from the i-th child of `SeedSequence(seed)`, so adding images never changes earlier ones.
+    harder. The pathologies that make the thresholds matter on VOC are options: up to
+    `max_objects` objects per image, `scale` on their size, `part_colour` (the probability that
+    only a small part of an object shows its class hue: CAMs cover the discriminative part) and
+    `context` (the probability of a class-specific halo around an object: background the
+    classifier leans on). The same arguments give byte-identical files (on the same
+    numpy/Pillow): image i is drawn from the i-th child of `SeedSequence(seed)`, so adding images
+    never changes earlier ones.
     """
     if not 1 <= classes <= len(SHAPES):
         raise UserError(f"classes must be between 1 and {len(SHAPES)}, got {classes}")
@@ -302,6 +363,13 @@ def generate(
         raise UserError(f"n_val must be at least 0, got {n_val}")
     if size < 16:
         raise UserError(f"size must be at least 16 pixels, got {size}")
+    if max_objects < 1:
+        raise UserError(f"max_objects must be at least 1, got {max_objects}")
+    if not 0.2 <= scale <= 2.0:
+        raise UserError(f"scale must be between 0.2 and 2, got {scale}")
+    for name, p in (("part_colour", part_colour), ("context", context)):
+        if not 0.0 <= p <= 1.0:
+            raise UserError(f"{name} must be between 0 and 1, got {p}")
     root = Path(out)
     images, masks = root / "JPEGImages", root / "SegmentationClass"
     splits = root / "ImageSets" / "Segmentation"
@@ -309,7 +377,8 @@ def generate(
         folder.mkdir(parents=True, exist_ok=True)
     ids = [f"syn_{i:06d}" for i in range(n_train + n_val)]
     for image_id, child in zip(ids, np.random.SeedSequence(seed).spawn(len(ids))):
-        rgb, labels = _render(np.random.default_rng(child), size, classes, class_colour)
+        rgb, labels = _render(np.random.default_rng(child), size, classes, class_colour,
+                              max_objects, scale, part_colour, context)
         buffer = io.BytesIO()
         Image.fromarray(rgb).save(buffer, format="JPEG", quality=_JPEG_QUALITY)
         atomic_write_bytes(images / f"{image_id}.jpg", buffer.getvalue())
