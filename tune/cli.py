@@ -317,10 +317,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
                             f"{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = load_config(args.config, overrides)
     search = cfg.search
+    promoted = ("every finished pair (oracle)" if search.top_k == "all"
+                else f"the top {search.top_k}")
     print(f"wsss-tune demo '{cfg.name}': synthetic data -> classifier + CAMs (stage 0, cached "
           f"after the first run) -> TECM trials over (BG, FG) on Ray Tune (stage 1, "
-          f"{search.space} space) -> DeepLabv3+ on the top {search.top_k} (stage 2) -> "
-          f"selection", flush=True)
+          f"{search.space} space) -> DeepLabv3+ on {promoted} (stage 2) -> selection",
+          flush=True)
     start = time.perf_counter()
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri)
     print_result(cfg, out, time.perf_counter() - start)
@@ -500,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # their INFO lines (database migrations) are no news to a user
+        for noisy in ("mlflow", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         COMMANDS[args.command](args)
     except UserError as e:

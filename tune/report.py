@@ -542,7 +542,7 @@ def stage1_curves_figure(ev: Evidence) -> tuple[Figure, int]:
     promoted, pick, epochs = set(ev.promoted), ev.pick, ev.epochs
     fig = Figure(figsize=(8, 4.6), layout="constrained")
     ax = fig.subplots()
-    counts = {"other": 0, "promoted": 0}
+    counts = {"other": 0, "promoted": 0, "stopped": 0}
     for _, trial in t.groupby(by):
         key = _key(trial.bg.iloc[0], trial.fg.iloc[0])
         role = "pick" if key == pick else "promoted" if key in promoted else "other"
@@ -553,6 +553,7 @@ def stage1_curves_figure(ev: Evidence) -> tuple[Figure, int]:
         last = trial.iloc[-1]
         if epochs is not None and last.epoch < epochs:
             ax.plot(last.epoch, last.objective, "x", color=colour, ms=8, mew=2, zorder=z)
+            counts["stopped"] += 1
         if role == "pick":
             ax.annotate(pair_text(*key), (last.epoch, last.objective), color=PICK, fontsize=8,
                         xytext=(5, 0), textcoords="offset points", va="center")
@@ -560,9 +561,10 @@ def stage1_curves_figure(ev: Evidence) -> tuple[Figure, int]:
             counts[role] += 1
     handles = [Line2D([], [], color=PICK, lw=2.6, label="pick"),
                Line2D([], [], color=PROMOTED, lw=1.8, label=f"promoted ({counts['promoted']})"),
-               Line2D([], [], color=OTHER, lw=1, label=f"other trials ({counts['other']})"),
-               Line2D([], [], marker="x", ls="", color="black", mew=2,
-                      label="stopped early by ASHA")]
+               Line2D([], [], color=OTHER, lw=1, label=f"other trials ({counts['other']})")]
+    if counts["stopped"]:
+        handles.append(Line2D([], [], marker="x", ls="", color="black", mew=2,
+                              label=f"stopped early by ASHA ({counts['stopped']})"))
     ax.legend(handles=handles, fontsize=8, loc="best")
     ax.set_xlabel("AffinityNet epoch")
     ax.set_ylabel(f"{label(ev.objective)} (driving objective)")

@@ -443,6 +443,9 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         tracking.reopen(uri, parent)
     status = "FAILED"
     try:
+        if cfg.runtime.progress:
+            say(f"stage 0: data, classifier, CAMs and frozen features (cached in "
+                f"{cfg.runtime.runs_root / 'stores'})")
         prepared = stage0(cfg)
         if cfg.search.stage2:  # a wrong encoder or weights file fails now, not after stage 1
             build_model(cfg.segmentation, prepared.train.num_classes)
