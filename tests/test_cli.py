@@ -1,5 +1,6 @@
 """The CLI: user errors are one line and exit 2; the surface command writes its CSV."""
 
+import json
 import subprocess
 import sys
 
@@ -78,3 +79,24 @@ def test_search_flag_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse names the allowed spaces
         main(["search", "--config", "ci", "--space", "grid"])
     assert "invalid choice: 'grid'" in capsys.readouterr().err
+
+
+def test_analyze_the_papers_own_table(capsys):
+    from tune.config import PACKAGED
+
+    table = PACKAGED / "paper" / "table2.csv"
+    assert main(["analyze", str(table), "--x", "tecm", "--y", "pqs_avg", "--seeds", "20",
+                 "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["n"] == 24 and stats["x"] == "tecm" and stats["n_seeds"] <= 20
+    assert stats["pearson"] == pytest.approx(-0.053, abs=1e-3)  # no correlation at all
+    assert main(["analyze", str(table), "--x", "tecm", "--y", "pqs_avg", "--seeds", "20",
+                 "--where", "bg >= 0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "tecm vs pqs_avg: 15 rows of" in printed and "where bg >= 0.2" in printed
+    assert "RANSAC Pearson" in printed and "95% CI" in printed
+    assert main(["analyze", str(table), "--x", "tecmm", "--y", "pqs_avg"]) == 2
+    assert "--x 'tecmm' is not a column" in capsys.readouterr().err
+    assert main(["analyze", str(table), "--x", "tecm", "--y", "pqs_avg", "--where", "bg >>"]) == 2
+    assert "--where 'bg >>'" in capsys.readouterr().err
+    assert main(["analyze", "nowhere.csv", "--x", "a", "--y", "b"]) == 2

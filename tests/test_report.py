@@ -95,6 +95,19 @@ def test_report_of_a_finished_search(search_folder):
     assert "1 degenerate" in page.text  # (0.3, 0.3) is left out of the statistics, and said so
     for c in json.loads((search_folder / "candidates.json").read_text())["candidates"]:
         assert pair_text(c["bg"], c["fg"]) in page.text and fmt("tecm", c["objective"]) in page.text
+    # the MLflow parent run holds the same numbers, and the report the search wrote at its end
+    from mlflow import MlflowClient
+
+    state = json.loads((search_folder / "search.json").read_text())
+    client = MlflowClient(state["tracking_uri"])
+    parent = client.get_run(state["parent_run_id"]).data
+    assert f"({parent.metrics['selected_bg']:g}, {parent.metrics['selected_fg']:g})" == (
+        parent.tags["selected_pair"]) and parent.metrics["selected_bg"] == pair["bg"]
+    assert f"TECM {parent.metrics['selected_tecm']:.4f}" in page.text
+    assert f"val mIoU {parent.metrics['selected_val_miou']:.2%}" in page.text
+    assert f"regret of the pick {parent.metrics['regret_val_miou']:.2%}" in page.text
+    logged = {Path(a.path).name for a in client.list_artifacts(state["parent_run_id"], "report")}
+    assert {"index.html", *page.images} <= logged
 
 
 @pytest.mark.slow

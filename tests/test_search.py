@@ -395,3 +395,29 @@ def test_oracle_measures_the_regret_over_every_finished_pair(ci_config, ci_prepa
         assert q["recall"]["3"] is True and q["recall"]["1"] == (q["regret"] == 0)
         assert q["uses_ground_truth"] == (name in ("pqs_avg", "pqs_pseudo", "miou_pseudo"))
     assert "all 3 finished pairs (oracle)" in printed and "how each ranking would" in printed
+
+
+def test_rank_epoch_ranks_by_the_last_or_the_best_epoch_and_stage2_uses_that_head():
+    import torch
+    from ray import tune
+
+    from tune.search import _history, _ranking_row
+    from tune.trainables import ranked_head
+
+    history = pd.DataFrame({"epoch": [1, 2, 3, 2], "training_iteration": [1, 2, 3, 2],
+                            "objective": [0.5, 0.7, 0.6, 0.8], "tecm": [0.5, 0.7, 0.6, 0.8],
+                            "bg": 0.1, "fg": 0.3, "trial_id": "t"})  # epoch 2 re-run: last wins
+    last = history.iloc[2].to_dict()
+    result = tune.Result(metrics=last, checkpoint=None, error=None, path="",
+                         metrics_dataframe=history)
+    epochs = _history(result)
+    assert list(epochs.epoch) == [1, 2, 3] and list(epochs.objective) == [0.5, 0.8, 0.6]
+    row = _ranking_row(result, epochs, "last")
+    assert row["objective"] == 0.6 and row["rank_epoch"] == 3
+    row = _ranking_row(result, epochs, "best")
+    assert row["objective"] == row["tecm"] == 0.8 and row["rank_epoch"] == 2
+    assert row["training_iteration"] == 3  # epochs trained: what promotion checks
+    state = {"head": {"w": torch.zeros(1)}, "epoch": 3,
+             "best": {"epoch": 2, "objective": 0.8, "head": {"w": torch.ones(1)}}}
+    assert ranked_head(state, "last")["head"]["w"].item() == 0
+    assert ranked_head(state, "best")["head"]["w"].item() == 1
