@@ -87,7 +87,7 @@ def ray_tune(cfg: Config, prepared: Prepared) -> tuple[dict[Pair, float], dict[s
     with ray_session(None, uri, parent):
         times["init"] = time.perf_counter() - start
         start = time.perf_counter()
-        table = run_stage1(cfg, prepared, folder, uri, parent)
+        table, _ = run_stage1(cfg, prepared, folder, uri, parent)
         times["stage1"] = time.perf_counter() - start
     tracking.finish(uri, parent)
     if (table.training_iteration != cfg.affinity.epochs).any() or table.degenerate.any():

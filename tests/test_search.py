@@ -169,6 +169,8 @@ def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
     assert f"({pair[0]:g}, {pair[1]:g})" in parent.data.tags["mlflow.note.content"]
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (f"/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+            f"?workflowType=machine_learning") in printed  # opens the parent run, training view
     by_rank = client.search_runs([parent.info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
                                  f"tags.stage = '1'", order_by=["metrics.ranked_tecm DESC"])

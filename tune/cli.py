@@ -399,7 +399,9 @@ def cmd_select(args: argparse.Namespace) -> None:
     pair = selection["pair"]
     note = "uses ground truth" if selection["uses_ground_truth"] else "no ground truth used"
     print(f"selected (BG, FG) = ({pair['bg']:g}, {pair['fg']:g}) by {selection['pick']} "
-          f"({note}), policy {selection['policy']}; written to {args.run_dir}/selection.json")
+          f"({note}), policy {selection['policy']}; written to {args.run_dir}/selection.json "
+          f"(the MLflow parent run keeps the search's own pick; `wsss-tune report "
+          f"{args.run_dir}` redraws the report for this one)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

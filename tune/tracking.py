@@ -38,8 +38,11 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-# MLflow 3 opens an experiment in its GenAI (traces) view unless it is marked as model training
+# MLflow 3 opens an experiment in its GenAI (traces) view: the experiment's kind says "model
+# training", and MLflow 3.17's UI, whose GenAI / Model training switch is remembered per browser,
+# takes the view from the link (`run_url`)
 TRAINING_VIEW = {"mlflow.experimentKind": "custom_model_development"}
+TRAINING_VIEW_QUERY = "?workflowType=machine_learning"
 
 
 def experiment_id(client: MlflowClient, uri: str) -> str:
@@ -54,11 +57,11 @@ def experiment_id(client: MlflowClient, uri: str) -> str:
 
 
 def run_url(uri: str, run_id: str, server: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI page of a run: on ``uri`` itself for a tracking server, else on ``server``
-    (where ``mlflow ui`` listens by default)."""
+    """The MLflow UI page of a run, in the model-training view: on ``uri`` itself for a tracking
+    server, else on ``server`` (where ``mlflow ui`` listens by default)."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else server
     experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
-    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}{TRAINING_VIEW_QUERY}"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
