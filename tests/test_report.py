@@ -106,6 +106,11 @@ def test_report_of_a_finished_search(search_folder):
     assert f"TECM {parent.metrics['selected_tecm']:.4f}" in page.text
     assert f"val mIoU {parent.metrics['selected_val_miou']:.2%}" in page.text
     assert f"regret of the pick {parent.metrics['regret_val_miou']:.2%}" in page.text
+    stats = json.loads((index.parent / "statistics.json").read_text())
+    tecm_pqs = next(c for c in stats if (c["x"], c["y"]) == ("tecm", "pqs_avg"))
+    assert tecm_pqs["n"] == len(pd.read_csv(search_folder / "stage1.csv").query(
+        "degenerate == 0 and training_iteration == 2"))
+    assert tecm_pqs["spearman"] is None or f"{tecm_pqs['spearman']:.3f}" in page.text
     logged = {Path(a.path).name for a in client.list_artifacts(state["parent_run_id"], "report")}
     assert {"index.html", *page.images} <= logged
 

@@ -34,6 +34,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from wsss.data import IGNORE, atomic_write_bytes, voc_palette
 from wsss.errors import UserError
 from wsss.objectives import OBJECTIVES
+from wsss.store import write_json_atomic
 
 log = logging.getLogger("tune")
 GRID_MAX_BG = 15  # more distinct BG values than this: a sampled space, drawn as a BG-FG scatter
@@ -816,6 +817,8 @@ def write_report(folder: Path, *, samples: int = 4) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ev = load(folder)
     stats = _guarded("statistics", lambda: statistics(ev), {})
+    if stats:  # the exact numbers, for a paper's table
+        write_json_atomic(out / "statistics.json", [c.as_dict() for c in stats.values()])
     sections = [_guarded(name, build, f"<h2>{name}</h2><p class='missing'>this section failed; "
                                       f"see the log</p>") for name, build in (
         ("Summary", lambda: header_section(ev)),
