@@ -344,7 +344,9 @@ def print_result(cfg: Config, out: dict, seconds: float) -> None:
                      "PQS": pct(getattr(r, "pqs_avg", None)),
                      "val mIoU": pct(getattr(r, "val_miou", None)),
                      "": "<- " + ", ".join(m for m in marks if m) if any(marks) else ""})
-    print(f"\ncandidates ({cfg.search.policy} top {cfg.search.top_k} by {name}):")
+    which = ("every finished pair (oracle)" if cfg.search.top_k == "all"
+             else f"{cfg.search.policy} top {cfg.search.top_k}")
+    print(f"\ncandidates ({which}) by {name}:")
     print(pd.DataFrame(rows).to_string(index=False))
     note = "uses ground truth" if sel["uses_ground_truth"] else "no ground truth used"
     val = sel["metrics"].get("val_miou")

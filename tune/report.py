@@ -300,10 +300,16 @@ def heatmap_metrics(ev: Evidence) -> list[str]:
     return [m for m in (*OBJECTIVES, *GT_HEATMAPS) if m in t and t[m].notna().any()]
 
 
+def _gap(bg: float, fg: float) -> float:
+    return round(fg - bg, 6)
+
+
 def heatmap_figure(ev: Evidence, metric: str) -> Figure:
-    """``metric`` over BG x FG: the grid's cells (or a scatter for a sampled space), degenerate
-    pairs hatched (their TECM of 1 would look like the best region), early-stopped ones lighter
-    with a dot, promoted ones dashed, the pick outlined in red."""
+    """``metric`` over BG x FG: a grid with BG across and the neutral band's width FG - BG up
+    (the paper's tables' layout: a grid's FG values lie on diagonals, which would leave most of
+    a BG x FG image empty), or a BG-FG scatter for a sampled space. Degenerate pairs hatched
+    (their TECM of 1 would look like the best region), early-stopped ones lighter with a dot,
+    promoted ones dashed, the pick outlined in red."""
     t, st = ev.stage1, ev.status()
     value = t[metric].where(~st.degenerate & ~st.failed)
     finite = value[np.isfinite(value)]
@@ -311,14 +317,16 @@ def heatmap_figure(ev: Evidence, metric: str) -> Figure:
     if norm.vmin == norm.vmax:
         norm = Normalize(norm.vmin - 1e-3, norm.vmax + 1e-3)
     cmap = colormaps["viridis"].with_extremes(bad="white")
-    bgs, fgs = sorted(t.bg.unique()), sorted(t.fg.unique())
-    grid = len(bgs) <= GRID_MAX_BG
-    width = max(4.6, 0.5 * len(bgs) + 2.1) if grid else 6.0
-    height = max(4.0, 0.3 * len(fgs) + 2.0) if grid else 5.2
+    bgs, gaps = sorted(t.bg.unique()), sorted({_gap(b, f) for b, f in zip(t.bg, t.fg)})
+    grid = len(bgs) <= GRID_MAX_BG and len(gaps) <= GRID_MAX_BG
+    width = max(4.6, 0.55 * len(bgs) + 2.1) if grid else 6.0
+    height = max(3.4, 0.5 * len(gaps) + 2.0) if grid else 5.2
     fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.subplots()
-    draw = _grid_cells if grid else _scatter_cells
-    mappable = draw(ax, t, st, value, bgs, fgs, cmap, norm, metric)
+    if grid:
+        mappable = _grid_cells(ax, t, st, value, bgs, gaps, cmap, norm, metric)
+    else:
+        mappable = _scatter_cells(ax, t, st, value, bgs, sorted(t.fg.unique()), cmap, norm)
     bar = fig.colorbar(mappable, ax=ax, shrink=0.9)
     bar.set_label(label(metric) + (" (%)" if is_percent(metric) else ""))
     if is_percent(metric):
@@ -326,7 +334,7 @@ def heatmap_figure(ev: Evidence, metric: str) -> Figure:
     driving = " (drives the search)" if metric == ev.objective else ""
     ax.set_title(f"{label(metric)}{driving}", fontsize=11)
     ax.set_xlabel("BG threshold")
-    ax.set_ylabel("FG threshold")
+    ax.set_ylabel("FG - BG (neutral band)" if grid else "FG threshold")
     handles = _status_legend(st, metric, grid)
     fig.legend(handles=handles, loc="outside lower center", ncol=min(3, len(handles)),
                fontsize=7.5, frameon=False)
@@ -360,18 +368,18 @@ def _status_legend(st: pd.DataFrame, metric: str, grid: bool) -> list[Any]:
     return handles
 
 
-def _grid_cells(ax, t, st, value, bgs, fgs, cmap, norm, metric):
-    """One cell per (BG, FG) of the grid, annotated with its value."""
+def _grid_cells(ax, t, st, value, bgs, gaps, cmap, norm, metric):
+    """One cell per (BG, FG) of the grid, at (BG, FG - BG), annotated with its value."""
     ix = {v: i for i, v in enumerate(bgs)}
-    iy = {v: i for i, v in enumerate(fgs)}
-    z = np.full((len(fgs), len(bgs)), np.nan)
+    iy = {v: i for i, v in enumerate(gaps)}
+    z = np.full((len(gaps), len(bgs)), np.nan)
     for (bg, fg), v in zip(zip(t.bg, t.fg), value):
-        z[iy[fg], ix[bg]] = v
+        z[iy[_gap(bg, fg)], ix[bg]] = v
     image = ax.imshow(np.ma.masked_invalid(z), origin="lower", cmap=cmap, norm=norm,
                       aspect="auto", interpolation="nearest")
     small = 6.5 if len(bgs) > 9 else 7.5
     for r, s, v in zip(t.itertuples(), st.itertuples(), value):
-        x, y = ix[r.bg], iy[r.fg]
+        x, y = ix[r.bg], iy[_gap(r.bg, r.fg)]
         if s.degenerate or s.failed:
             ax.add_patch(Rectangle((x - .5, y - .5), 1, 1, facecolor="#f2f2f2", edgecolor="#888",
                                    hatch="///" if s.degenerate else "xx", lw=0))
@@ -391,15 +399,15 @@ def _grid_cells(ax, t, st, value, bgs, fgs, cmap, norm, metric):
             ax.add_patch(Rectangle((x - .5, y - .5), 1, 1, fill=False, edgecolor=PICK, lw=3))
     ax.set_xticks(range(len(bgs)), [f"{v:g}" for v in bgs],
                   rotation=45 if len(bgs) > 10 else 0)
-    ax.set_yticks(range(len(fgs)), [f"{v:g}" for v in fgs])
+    ax.set_yticks(range(len(gaps)), [f"+{v:g}" for v in gaps])
     ax.set_xticks(np.arange(-.5, len(bgs)), minor=True)
-    ax.set_yticks(np.arange(-.5, len(fgs)), minor=True)
+    ax.set_yticks(np.arange(-.5, len(gaps)), minor=True)
     ax.grid(which="minor", color="#dddddd", lw=0.6)
     ax.tick_params(which="minor", length=0)
     return image
 
 
-def _scatter_cells(ax, t, st, value, bgs, fgs, cmap, norm, metric):
+def _scatter_cells(ax, t, st, value, bgs, fgs, cmap, norm):
     """A sampled space (no grid): one point per pair at its (BG, FG), coloured by the value."""
     ok = np.isfinite(value) & ~st.degenerate & ~st.failed
     full = ok & ~st.stopped

@@ -105,7 +105,7 @@ def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None,
     folder = cache_root / f"classifier-{key}"
     path, stats_path = folder / "model.pt", folder / "stats.json"
     if path.is_file() and stats_path.is_file():
-        log.info("classifier: cached at %s", folder)
+        log.debug("classifier: cached at %s", folder)
         return path, json.loads(stats_path.read_text())
     _not_built("classifier", folder, build)
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,7 @@ def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None,
 def _cam_store(spec: CamSpec, train: SegDataset, classifier_path: Path, manifest: dict,
                path: Path, device: torch.device, progress: bool, build: bool = True) -> CamStore:
     if CamStore.is_current(path, manifest):
-        log.info("CAM store: current at %s", path)
+        log.debug("CAM store: current at %s", path)
         return CamStore(path)
     _not_built("CAM store", path, build)
     model, _ = load_classifier(classifier_path, device)
@@ -191,7 +191,7 @@ def _feature_store(model: torch.nn.Module, train: SegDataset, n: int, levels: li
                    manifest: dict, path: Path, device: torch.device, batch_size: int,
                    progress: bool, build: bool = True) -> FeatureStore:
     if FeatureStore.is_current(path, manifest):
-        log.info("feature store: current at %s", path)
+        log.debug("feature store: current at %s", path)
         return FeatureStore(path)
     _not_built("feature store", path, build)
     sizes = [train.size(i) for i in range(n)]
