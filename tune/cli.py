@@ -294,7 +294,9 @@ def cmd_search(args: argparse.Namespace) -> None:
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri,
                      resume=args.resume is not None)
     table = out["table"]
-    columns = [c for c in ("bg", "fg", "training_iteration", "objective", "tecm", "tecm_pooled",
+    from wsss.objectives import OBJECTIVES
+
+    columns = [c for c in ("bg", "fg", "training_iteration", "objective", *OBJECTIVES,
                            "npr_initial", "npr_pseudo", "pqs_initial", "pqs_pseudo")
                if c in table]
     print(f"\nstage 1: {len(table)} trials, objective {cfg.search.objective}")
