@@ -110,6 +110,13 @@ def test_ransac_is_deterministic_and_resists_outliers():
     assert a.ransac_inliers <= 36  # the planted outliers are out
 
 
+def test_ransac_needs_enough_points():
+    x = np.arange(7.0)
+    c = correlate(x, x ** 2, **FAST)
+    assert c.n == 7 and c.n_seeds == 0 and math.isnan(c.ransac_pearson)
+    assert correlate(np.arange(8.0), np.arange(8.0) ** 2, **FAST).n_seeds > 0
+
+
 def test_ransac_skips_when_mad_is_zero_unless_a_threshold_is_given():
     x = np.arange(9.0)
     y = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0])  # MAD of y = 0

@@ -31,6 +31,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from wsss.analysis import RANSAC_MIN_POINTS, correlate, finished_pairs
 from wsss.data import IGNORE, atomic_write_bytes, voc_palette
 from wsss.errors import UserError
 from wsss.objectives import OBJECTIVES
@@ -142,8 +143,6 @@ class Evidence:
 
     def finished(self) -> pd.DataFrame:
         """The pairs statistics count (`wsss.analysis.finished_pairs`)."""
-        from wsss.analysis import finished_pairs
-
         return finished_pairs(self.stage1, self.epochs)
 
     def status(self) -> pd.DataFrame:
@@ -445,14 +444,14 @@ def heatmap_section(ev: Evidence, out: Path) -> str:
 def statistics(ev: Evidence) -> dict[tuple[str, str], Any]:
     """`wsss.analysis.correlate` for every (proxy, target) present, over the finished pairs;
     computed once and shared by the scatters and the table (RANSAC over seeds is slow)."""
-    from wsss.analysis import correlate
 
     if ev.stage1 is None:
         return {}
     rows = ev.finished()
     proxies = [p for p in (*OBJECTIVES, *GT_PROXIES) if p in rows]
     return {(p, t): correlate(rows[p], rows[t], x_name=p, y_name=t, ransac_seeds=RANSAC_SEEDS)
-            for p in proxies for t in TARGETS if t in rows and t != p and rows[t].notna().any()}
+            for p in proxies for t in TARGETS if t in rows and t != p and rows[t].notna().any()
+            and (p in OBJECTIVES or t == "val_miou")}  # GT proxies: against the final result
 
 
 def _stats_text(c: Any) -> str:
@@ -535,9 +534,10 @@ def proxy_section(ev: Evidence, stats: dict[tuple[str, str], Any], out: Path) ->
     return (f"{title}<p class='caption'>A good objective puts the pairs in the same order as PQS "
             f"and val mIoU: look for a rising cloud and a Spearman CI well above 0. "
             f"{_e(_left_out(ev))}</p><div class='figs'>{''.join(figures)}</div>"
-            f"<p class='caption'>Every proxy against every target (ground-truth proxies are "
-            f"validation only, never an objective); bootstrap 95% CIs, RANSAC-filtered Pearson "
-            f"over {RANSAC_SEEDS} seeds (median and 5-95% range).</p>{_table(header, rows)}")
+            f"<p class='caption'>Every objective against every ground-truth measure, and the "
+            f"ground-truth proxies (validation only, never an objective) against val mIoU; "
+            f"bootstrap 95% CIs, RANSAC-filtered Pearson over {RANSAC_SEEDS} seeds (median and "
+            f"5-95% range; none below {RANSAC_MIN_POINTS} pairs).</p>{_table(header, rows)}")
 
 
 # ---- 4-5. learning curves -----------------------------------------------------------------------

@@ -130,6 +130,10 @@ def _bootstrap_kendall(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> np.ndar
     return np.where(ok, tau, NAN)
 
 
+# Below this, "outliers" are a matter of which two or three points a line happens to hit
+RANSAC_MIN_POINTS = 8
+
+
 def _ransac(
     x: np.ndarray, y: np.ndarray, seeds: int, residual_threshold: float | None
 ) -> tuple[list[float], list[int]]:
@@ -140,6 +144,8 @@ def _ransac(
     parameter checks (a large share of its per-trial cost on small data) are switched off; they
     do not change the result.
     """
+    if x.size < RANSAC_MIN_POINTS:
+        return [], []
     if residual_threshold is None and np.median(np.abs(y - np.median(y))) == 0:
         return [], []  # sklearn's default threshold (MAD of y) would accept exact fits only
     xs = np.ascontiguousarray(x[:, None])
