@@ -318,7 +318,7 @@ def heatmap_figure(ev: Evidence, metric: str) -> Figure:
     cmap = colormaps["viridis"].with_extremes(bad="white")
     bgs, gaps = sorted(t.bg.unique()), sorted({_gap(b, f) for b, f in zip(t.bg, t.fg)})
     grid = len(bgs) <= GRID_MAX_BG and len(gaps) <= GRID_MAX_BG
-    width = max(4.6, 0.55 * len(bgs) + 2.1) if grid else 6.0
+    width = max(4.6, 0.5 * len(bgs) + 1.8) if grid else 6.0
     height = max(3.4, 0.5 * len(gaps) + 2.0) if grid else 5.2
     fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.subplots()
