@@ -1,5 +1,5 @@
 """Searches on a running Ray cluster and with an MLflow tracking server, and the start-up checks
-of `tune.cluster` (DESIGN §6).
+of `tune.cluster` (docs/search.md).
 
 The Ray head and the MLflow server are real processes started here, each in its own process group
 and stopped by killing that group (never `ray stop`: it stops every Ray on the machine). Both

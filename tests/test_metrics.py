@@ -1,4 +1,4 @@
-"""Hand-computed values for every metric of DESIGN §4, plus property tests."""
+"""Hand-computed values for every metric of docs/definitions.md, plus property tests."""
 
 import numpy as np
 import pandas as pd

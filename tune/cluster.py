@@ -1,4 +1,4 @@
-"""Start-up checks for a search on a Ray cluster (DESIGN §6).
+"""Start-up checks for a search on a Ray cluster (docs/search.md, README "Run on a cluster").
 
 On one machine every trial sees the driver's files and its MLflow store. On a cluster a trial runs
 on any node, opens the stage-0 stores and writes its checkpoints by *path*, and logs to MLflow from

@@ -51,7 +51,7 @@ class SurfaceConfig(Section):
 
 
 class SearchConfig(Section):
-    """Stage 1 (TECM trials under Ray Tune) and promotion to stage 2 (DESIGN §5)."""
+    """Stage 1 (TECM trials under Ray Tune) and promotion to stage 2 (docs/search.md)."""
 
     space: Space = "paper"
     pairs: list[tuple[float, float]] | None = None

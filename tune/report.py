@@ -5,8 +5,8 @@ It reads only the search folder's files (and, for the sample images, the cached 
 so it runs after any stage, on any machine that sees the folder: what is missing is said, never
 guessed. Figures are drawn on `matplotlib.figure.Figure` objects (the Agg canvas, no pyplot state:
 safe in a search's driver and in threads), and every file is written atomically, so a browser open
-on the report never shows half a file. Units follow DESIGN §4: fractions are shown as percentages
-only for PQS / mIoU / NPR; objectives (TECM in [0, 2]) as plain 4-decimal numbers.
+on the report never shows half a file. Units follow docs/definitions.md: fractions are shown
+as percentages only for PQS / mIoU / NPR; objectives (TECM in [0, 2]) as plain 4-decimal numbers.
 """
 
 from __future__ import annotations

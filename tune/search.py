@@ -403,7 +403,7 @@ def ray_session(address: str | None, uri: str, parent: str,
     one, whose nodes must then all read the ``shared`` folders, find the ``present`` ones and
     reach ``uri`` (checked before any trial starts); afterwards every child run a stopped trial
     left RUNNING is closed."""
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # DESIGN §6: resume loses no trial
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # docs/search.md: resume loses no trial
     # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables

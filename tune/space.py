@@ -1,4 +1,4 @@
-"""Search spaces over (BG, FG): the fixed grids of DESIGN §5, Optuna TPE and random sampling.
+"""Search spaces over (BG, FG): the fixed grids of docs/search.md, Optuna TPE and random sampling.
 
 Grid values are rounded to 4 decimals so that 0.05 + 0.25 is the 0.3 a user types, not
 0.30000000000000004: the pair identifies a trial in MLflow, CSVs and selection files.
@@ -39,7 +39,7 @@ def grid_pairs(space: str,
 
 
 class SamplerBounds(Spec):
-    """Bounds of the sampled spaces (``optuna``, ``random``): DESIGN §5's defaults."""
+    """Bounds of the sampled spaces (``optuna``, ``random``): the defaults in docs/search.md."""
 
     bg_min: float = Field(0.0, ge=0, le=1)
     bg_max: float = Field(0.7, ge=0, le=1)

@@ -1,4 +1,4 @@
-"""MLflow tracking: one parent run per search, one child run per trial (DESIGN §1, §6).
+"""MLflow tracking: one parent run per search, one child run per trial (docs/search.md).
 
 All searches share one store under the runs root (``sqlite:////abs/runs/mlflow.db``, always an
 absolute URI) so the MLflow UI compares them; a cluster passes a tracking server URI instead.

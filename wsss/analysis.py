@@ -244,7 +244,8 @@ def proxy_statistics(
 
 
 def _ranked(rows: pd.DataFrame, col: str) -> pd.DataFrame:
-    """Best first by ``col``; ties by bg then fg ascending, the search's tie rule (DESIGN §5)."""
+    """Best first by ``col``; ties by bg then fg ascending: the search's tie rule
+    (docs/search.md)."""
     return rows.sort_values([col, "bg", "fg"], ascending=[False, True, True], kind="mergesort")
 
 

@@ -1,9 +1,10 @@
 """CAM extraction (multi-scale + flip, as IRN's ``make_cam``) and CAM -> score normalisation.
 
 Stored CAMs are raw ReLU'd activations of the present classes on a strided grid
-(``ceil(H / store_stride) x ceil(W / store_stride)``), summed over scales and flips; scores are made
-from them on demand (DESIGN §4): upsampled bilinearly to the image size, then each class divided
-by its own maximum. Normalising after upsampling keeps every class's peak at exactly 1.
+(``ceil(H / store_stride) x ceil(W / store_stride)``), summed over scales and flips; scores are
+made from them on demand (docs/definitions.md): upsampled bilinearly to the image size, then each
+class divided by its own maximum. Normalising after upsampling keeps every class's peak at
+exactly 1.
 """
 
 from __future__ import annotations

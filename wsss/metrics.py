@@ -1,4 +1,5 @@
-"""Exact metrics of DESIGN §4: confusion, mIoU (three protocols), NPR, PQS, TECM, surfaces.
+"""Exact metrics of docs/definitions.md: confusion, mIoU (three protocols), NPR, PQS, TECM,
+surfaces.
 
 Every value is a fraction (TECM in [0, 2]). mIoU always comes from one confusion matrix pooled over
 the evaluated images. Confusion matrices here are ``[C, C + 1]``: rows are ground-truth classes
@@ -86,7 +87,8 @@ def mean_iou(conf: np.ndarray, protocol: Protocol = "standard") -> float:
 def region_metrics(conf: np.ndarray, n_pixels: int, n_neutral: int) -> dict[str, float]:
     """NPR, non-neutral mIoU, PQS, standard mIoU and ``degenerate`` for one labelling.
 
-    ``n_pixels`` counts **all** pixels (GT-ignore ones too): NPR's denominator in DESIGN §4.
+    ``n_pixels`` counts **all** pixels (GT-ignore ones too): NPR's denominator
+    (docs/definitions.md).
     ``miou_nn`` uses only pixels that are neither neutral nor GT 255.
     """
     c = conf.shape[0]
@@ -107,7 +109,7 @@ def region_metrics(conf: np.ndarray, n_pixels: int, n_neutral: int) -> dict[str,
 def _pair_table(pairs: Sequence[tuple[float, float]]) -> tuple[list[tuple[float, float]],
                                                                np.ndarray, np.ndarray]:
     """Validated pairs, their float32 threshold positions ``[P, 2]`` in ``t``, and ``t``: the
-    sorted unique float32 thresholds (comparisons happen in float32, DESIGN §4)."""
+    sorted unique float32 thresholds (comparisons happen in float32, docs/definitions.md)."""
     checked = [check_pair(bg, fg, where=f"pairs[{i}]") for i, (bg, fg) in enumerate(pairs)]
     if not checked:
         raise ValueError("threshold_surface needs at least one (bg, fg) pair")
@@ -213,8 +215,9 @@ def tecm(npr_i, npr_r, n_to_b, n_to_f, eps: float = 1e-6):
     """TECM, the paper's Eq. 4, elementwise over numpy arrays (or scalars).
 
     ``clip(1 + (NPR_i - NPR_r) / (NPR_i + eps), 0, 2) * (1 - |NtoB - NtoF| / (NtoB + NtoF))``.
-    Edge rules (DESIGN §4): ``NPR_i == 0`` gives 1 (the paper's stated value for a pair without
-    neutral pixels); ``NtoB + NtoF == 0`` with neutral pixels gives balance 0 (nothing resolved).
+    Edge rules (docs/definitions.md): ``NPR_i == 0`` gives 1 (the paper's stated value for a pair
+    without neutral pixels); ``NtoB + NtoF == 0`` with neutral pixels gives balance 0 (nothing
+    resolved).
     ``n_to_b`` / ``n_to_f`` may be counts or fractions: only their ratio matters.
     """
     npr_i, npr_r, b, f = (np.asarray(x, dtype=np.float64) for x in (npr_i, npr_r, n_to_b, n_to_f))

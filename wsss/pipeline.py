@@ -446,8 +446,8 @@ class AffinityTrial:
                 yield k, pseudo
 
     def evaluate(self) -> dict[str, float]:
-        """The trial's metrics (DESIGN §4 names) over its images, pooled where pooled; those
-        that need ground truth only where the train split has masks."""
+        """The trial's metrics (names as in docs/definitions.md) over its images, pooled where
+        pooled; those that need ground truth only where the train split has masks."""
         c = self.prepared.train.num_classes
         first = self._conf_initial is None  # the initial regions' confusion never changes
         conf_i = np.zeros((c, c + 1), np.int64)

@@ -1,4 +1,4 @@
-"""Refined CAMs -> pseudo-labels (DESIGN §4) and their export as VOC palette PNGs.
+"""Refined CAMs -> pseudo-labels (docs/definitions.md) and their export as VOC palette PNGs.
 
 The refined CAMs are scored exactly like the initial ones (upsampled to the image, each class
 divided by its own maximum) and thresholded with the **same** (BG, FG) pair, so neutral pixels stay

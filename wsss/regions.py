@@ -1,4 +1,4 @@
-"""(BG, FG) -> confident regions, exactly as DESIGN §4.
+"""(BG, FG) -> confident regions, exactly as docs/definitions.md says.
 
 A pixel is background if its max class score ``m <= BG``, its argmax class if ``m >= FG`` (the
 paper's "meets or exceeds"), neutral (255) otherwise; background wins when both hold (BG = FG).

@@ -2,8 +2,8 @@
 
 The model is segmentation-models-pytorch's DeepLabv3+ on a timm encoder (``tu-<name>``), always
 built with ``encoder_weights=None`` so nothing is downloaded; a local timm weights file may then be
-loaded into the encoder. Pseudo-labels mark unsure pixels 255 (DESIGN §4): they, like GT-ignore
-pixels, carry no loss, so a pair is judged only by the pixels it commits to.
+loaded into the encoder. Pseudo-labels mark unsure pixels 255 (docs/definitions.md): they, like
+GT-ignore pixels, carry no loss, so a pair is judged only by the pixels it commits to.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def train_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset, labels: La
 def evaluate_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset,
                           device: torch.device | str, batch_size: int = 32) -> float:
     """Standard mIoU of the predictions against ``data``'s ground truth: one confusion matrix
-    pooled over the split, classes with an empty union left out (DESIGN §4)."""
+    pooled over the split, classes with an empty union left out (docs/definitions.md)."""
     device = resolve_device(device)
     model.to(device).eval()
     conf = np.zeros((data.num_classes, data.num_classes + 1), np.int64)

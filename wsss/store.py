@@ -121,7 +121,7 @@ class CamStore(RaggedStore):
         return int(h), int(w)
 
     def scores(self, i: int) -> np.ndarray:
-        """Normalised float32 scores ``[K, H, W]`` at image resolution (DESIGN §4)."""
+        """Normalised float32 scores ``[K, H, W]`` at image resolution (docs/definitions.md)."""
         return cam_scores(self[i], self.image_size(i))
 
 
