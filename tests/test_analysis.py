@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from wsss import analysis
-from wsss.analysis import correlate, finished_pairs, pick_quality, proxy_statistics
+from wsss.analysis import correlate, finished_pairs, pick_quality
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 FAST = {"n_boot": 200, "ransac_seeds": 20}  # enough for the properties tested, quick on 2 cores
@@ -138,14 +138,6 @@ def test_finished_pairs():
     assert finished_pairs(t)["fg"].tolist() == [0.2, 0.4, 0.5]
     assert finished_pairs(t, epochs=3)["fg"].tolist() == [0.2, 0.5]
     assert len(finished_pairs(t[["bg", "fg"]], epochs=3)) == 5  # a filter needs its column
-
-
-def test_proxy_statistics():
-    t = pd.DataFrame({"tecm": X, "pqs": Y, "val_miou": X ** 2,
-                      "sparse": [1.0, 2.0] + [np.nan] * 10})
-    out = proxy_statistics(t, ["tecm", "sparse", "missing"], ["pqs", "val_miou"], **FAST)
-    assert [(c.x, c.y) for c in out] == [("tecm", "pqs"), ("tecm", "val_miou")]
-    assert out[0] == correlate(X, Y, x_name="tecm", y_name="pqs", **FAST)
 
 
 # Score ties (0.9) break to bg ascending; truth ties (0.75) break to fg ascending; the rows with an

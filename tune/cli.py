@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, get_args
 
 import pandas as pd
 
+from tune.progress import pct
 from tune.space import Space
 from wsss.errors import UserError
 
 if TYPE_CHECKING:
-    from tune.config import Config
+    from tune.config import Config, SearchConfig
     from wsss.data import SegDataset
 
 
@@ -180,11 +181,6 @@ def cmd_make_data(args: argparse.Namespace) -> None:
           f"in {time.perf_counter() - start:.1f} s")
 
 
-def pct(value: float | None) -> str:
-    """A fraction as a percentage for people; n/a when undefined (None or NaN)."""
-    return "n/a" if value is None or value != value else f"{value:.2%}"
-
-
 def format_surface(surface: pd.DataFrame) -> str:
     """Human-facing table: percentages with a % sign, the best non-degenerate PQS marked."""
     table = pd.DataFrame({
@@ -310,6 +306,12 @@ def _oracle(args: argparse.Namespace) -> list[str]:
     return ["search.top_k=all", "search.scheduler=none"] if args.oracle else []
 
 
+def _promoted(search: SearchConfig) -> str:
+    """Which pairs stage 2 trains, for people."""
+    return ("every finished pair (oracle)" if search.top_k == "all"
+            else f"the {search.policy} top {search.top_k}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from tune.config import load_config
     from tune.search import run_search
@@ -320,11 +322,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
                             f"{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = load_config(args.config, overrides)
     search = cfg.search
-    promoted = ("every finished pair (oracle)" if search.top_k == "all"
-                else f"the top {search.top_k}")
     print(f"wsss-tune demo '{cfg.name}': synthetic data -> classifier + CAMs (stage 0, cached "
           f"after the first run) -> TECM trials over (BG, FG) on Ray Tune (stage 1, "
-          f"{search.space} space) -> DeepLabv3+ on {promoted} (stage 2) -> selection",
+          f"{search.space} space) -> DeepLabv3+ on {_promoted(search)} (stage 2) -> selection",
           flush=True)
     start = time.perf_counter()
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri)
@@ -347,9 +347,7 @@ def print_result(cfg: Config, out: dict, seconds: float) -> None:
                      "PQS": pct(getattr(r, "pqs_avg", None)),
                      "val mIoU": pct(getattr(r, "val_miou", None)),
                      "": "<- " + ", ".join(m for m in marks if m) if any(marks) else ""})
-    which = ("every finished pair (oracle)" if cfg.search.top_k == "all"
-             else f"{cfg.search.policy} top {cfg.search.top_k}")
-    print(f"\ncandidates ({which}) by {name}:")
+    print(f"\ncandidates ({_promoted(cfg.search)}) by {name}:")
     print(pd.DataFrame(rows).to_string(index=False))
     note = "uses ground truth" if sel["uses_ground_truth"] else "no ground truth used"
     val = sel["metrics"].get("val_miou")

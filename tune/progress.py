@@ -2,7 +2,7 @@
 
 Ray's own console reporter prints wide tables of every trial; a researcher watching a search
 wants one line per finished stage-1 trial (with the best pair so far) and one per DeepLabv3+
-epoch in stage 2.
+epoch in stage 2; `pct` formats the fractions they show.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ from typing import Any
 from ray.tune import Callback
 
 Write = Callable[[str], None]
+
+
+def pct(value: float | None) -> str:
+    """A fraction as a percentage for people; n/a when undefined (None or NaN)."""
+    return "n/a" if value is None or value != value else f"{value:.2%}"
 
 
 def say(line: str) -> None:

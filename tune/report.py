@@ -31,7 +31,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from wsss.analysis import RANSAC_MIN_POINTS, correlate, finished_pairs
+from wsss.analysis import GROUND_TRUTH_PROXIES, RANSAC_MIN_POINTS, correlate, finished_pairs
 from wsss.data import IGNORE, atomic_write_bytes, voc_palette
 from wsss.errors import UserError
 from wsss.objectives import OBJECTIVES
@@ -39,7 +39,6 @@ from wsss.store import write_json_atomic
 
 log = logging.getLogger("tune")
 GRID_MAX_BG = 15  # more distinct BG values than this: a sampled space, drawn as a BG-FG scatter
-GT_PROXIES = ("pqs_avg", "pqs_pseudo", "miou_pseudo")  # need ground truth: validation only
 TARGETS = ("pqs_avg", "pqs_pseudo", "miou_pseudo", "val_miou")
 GT_HEATMAPS = ("pqs_initial", "pqs_pseudo", "pqs_avg", "val_miou")
 SAMPLE_CANDIDATES = 3
@@ -448,7 +447,7 @@ def statistics(ev: Evidence) -> dict[tuple[str, str], Any]:
     if ev.stage1 is None:
         return {}
     rows = ev.finished()
-    proxies = [p for p in (*OBJECTIVES, *GT_PROXIES) if p in rows]
+    proxies = [p for p in (*OBJECTIVES, *GROUND_TRUTH_PROXIES) if p in rows]
     return {(p, t): correlate(rows[p], rows[t], x_name=p, y_name=t, ransac_seeds=RANSAC_SEEDS)
             for p in proxies for t in TARGETS if t in rows and t != p and rows[t].notna().any()
             and (p in OBJECTIVES or t == "val_miou")}  # GT proxies: against the final result
@@ -521,7 +520,7 @@ def proxy_section(ev: Evidence, stats: dict[tuple[str, str], Any], out: Path) ->
               "RANSAC-Pearson median [5–95%]"]
     rows = []
     for (p, t), c in stats.items():
-        name = label(p) + (" (ground truth)" if p in GT_PROXIES else "")
+        name = label(p) + (" (ground truth)" if p in GROUND_TRUTH_PROXIES else "")
         if not np.isfinite(c.spearman):
             rows.append([name, label(t), str(c.n), "too few pairs", "", "", ""])
             continue
@@ -653,8 +652,8 @@ def sample_maps(ev: Evidence, samples: int) -> dict[str, Any]:
     truth, and each top candidate's initial regions and pseudo-labels (its stage-1 edge head,
     read from its checkpoint). Opens the cached stage-0 stores and never builds them."""
     from tune.search import saved_config
-    from tune.trainables import ranked_head, read_checkpoint
-    from wsss.pipeline import AffinityTrial, prepare
+    from tune.trainables import restored_trial
+    from wsss.pipeline import prepare
 
     cfg = saved_config(ev.folder)
     prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
@@ -667,8 +666,8 @@ def sample_maps(ev: Evidence, samples: int) -> dict[str, Any]:
         path = checkpoints.get((bg, fg))
         if not isinstance(path, str) or not Path(path).is_dir():
             raise UserError(f"the stage-1 checkpoint of {pair_text(bg, fg)} is missing ({path})")
-        trial = AffinityTrial(prepared, cfg.affinity, bg, fg, device="cpu")
-        trial.load_state_dict(ranked_head(read_checkpoint(Path(path)), cfg.search.rank_epoch))
+        trial = restored_trial(prepared, cfg.affinity, bg, fg, Path(path),
+                               cfg.search.rank_epoch, "cpu")
         if chosen is None:  # the same images for every candidate: those with a foreground class
             chosen = [k for k in range(len(ids)) if len(store.keys(trial.index[k]))][:samples]
             first = trial
@@ -778,7 +777,7 @@ def evaluation_table(ev: Evidence) -> str:
             continue
         truth = e.get("truth", "val_miou")
         pick, best = e["pick"], e["best"]
-        gt = e.get("uses_ground_truth", name in GT_PROXIES)
+        gt = e.get("uses_ground_truth", name in GROUND_TRUTH_PROXIES)
         rows.append([label(name) + (" (ground truth)" if gt else ""),
                      str(e.get("n", "")), pair_text(pick["bg"], pick["fg"]),
                      fmt(truth, pick.get(truth)), pair_text(best["bg"], best["fg"]),

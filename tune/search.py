@@ -28,12 +28,12 @@ from tune import cluster, tracking
 from tune.config import Config, SearchConfig, stage0
 from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.space import DefineByRun, grid_pairs
-from tune.trainables import ranked_head, read_checkpoint, stage1, stage2, trial_context
-from wsss.analysis import pick_quality
+from tune.trainables import restored_trial, stage1, stage2, trial_context
+from wsss.analysis import GROUND_TRUTH_PROXIES, finished_pairs, pick_quality
 from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
 from wsss.objectives import OBJECTIVES
-from wsss.pipeline import AffinityTrial, Prepared, digest
+from wsss.pipeline import Prepared, digest
 from wsss.pseudo_labels import export_labels
 from wsss.segmentation import build_model
 from wsss.store import write_csv_atomic, write_json_atomic
@@ -74,8 +74,8 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.affinity.epochs,
                                   grace_period=min(search.grace_period, cfg.affinity.epochs),
                                   reduction_factor=search.reduction_factor)
-    context = trial_context(cfg.data, cfg.affinity, prepared, search.objective, threads,
-                            tracking_uri, parent_run_id,
+    context = trial_context(cfg.data, cfg.affinity, prepared, search.objective,
+                            search.rank_epoch, threads, tracking_uri, parent_run_id,
                             trial_device(cfg.runtime.device, search.gpus_per_trial))
     trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
                                     {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
@@ -189,10 +189,9 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
         gpus = (1.0 if cfg.runtime.device != "cpu"
                 and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
     context = {**trial_context(cfg.data, cfg.affinity, prepared, search.objective,
-                               max(1, int(cpus)), tracking_uri, parent_run_id,
-                               trial_device(cfg.runtime.device, gpus)),
-               "segmentation": cfg.segmentation.model_dump(mode="json"),
-               "rank_epoch": search.rank_epoch}
+                               search.rank_epoch, max(1, int(cpus)), tracking_uri,
+                               parent_run_id, trial_device(cfg.runtime.device, gpus)),
+               "segmentation": cfg.segmentation.model_dump(mode="json")}
     grid = [{"bg": r.bg, "fg": r.fg, "checkpoint": r.checkpoint}
             for r in candidates.itertuples()]
     trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
@@ -241,7 +240,7 @@ def promote(table: pd.DataFrame, *, k: int | str, policy: str, epochs: int) -> p
     best of those (more diverse). Ties: objective descending, then bg, then fg ascending
     (deterministic).
     """
-    finished = rankable(table, epochs)
+    finished = finished_pairs(table, epochs)
     if finished.empty:
         stopped = int((table["training_iteration"] < epochs).sum())
         degenerate = int((table["degenerate"] != 0).sum())
@@ -257,9 +256,6 @@ def promote(table: pd.DataFrame, *, k: int | str, policy: str, epochs: int) -> p
     if len(ranked) < k:
         log.warning("only %d trials qualify for promotion (top_k=%d)", len(ranked), k)
     return ranked.head(k).reset_index(drop=True)
-
-
-GROUND_TRUTH_PROXIES = ("pqs_avg", "pqs_pseudo", "miou_pseudo")
 
 
 def select(candidates: pd.DataFrame, *, pick: str, objective: str, policy: str,
@@ -345,9 +341,9 @@ def export_run_labels(folder: Path, out: Path,
         raise UserError(f"pair {pair[0]:g},{pair[1]:g} has no stage-1 trial in {folder}; "
                         f"searched pairs: {searched}")
     prepared = stage0(cfg).with_live_features(cfg.affinity, cfg.runtime.device)
-    trial = AffinityTrial(prepared, cfg.affinity, pair[0], pair[1], device=cfg.runtime.device)
-    trial.load_state_dict(ranked_head(read_checkpoint(Path(match.iloc[0].checkpoint)),
-                                      cfg.search.rank_epoch))
+    trial = restored_trial(prepared, cfg.affinity, pair[0], pair[1],
+                           Path(match.iloc[0].checkpoint), cfg.search.rank_epoch,
+                           cfg.runtime.device)
     return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
 
 
@@ -469,7 +465,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
             write_csv_atomic(seg_curves, folder / "stage2_epochs.csv")
         selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
         tracking.record_selection(uri, parent, selection, table, candidates,
-                                  rankable(table, cfg.affinity.epochs))
+                                  finished_pairs(table, cfg.affinity.epochs))
         report = finish_report(folder, uri, parent, cfg.runtime.progress)
         tracking.log_artifacts(uri, parent, [folder / n for n in (
             "stage1.csv", "stage1_epochs.csv", "candidates.json", "stage2.csv",
@@ -479,14 +475,6 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         tracking.finish(uri, parent, status)
     return {"table": table, "candidates": candidates, "selection": selection, "folder": folder,
             "tracking_uri": uri, "parent_run_id": parent, "report": report}
-
-
-def rankable(table: pd.DataFrame, epochs: int) -> pd.DataFrame:
-    """The stage-1 trials that a ranking can hold: finished every epoch, not degenerate, not
-    failed."""
-    failed = table["failed"] if "failed" in table else 0
-    return table[(table["training_iteration"] >= epochs) & (table["degenerate"] == 0)
-                 & (failed == 0)]
 
 
 def finish_report(folder: Path, uri: str, parent: str, progress: bool) -> Path:

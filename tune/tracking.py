@@ -20,6 +20,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray.tune import Callback
 
+from tune.progress import pct
+
 EXPERIMENT = "wsss-tune"
 PACKAGES = ("wsss-tune", "torch", "timm", "ray", "mlflow", "optuna", "numpy",
             "segmentation-models-pytorch")
@@ -189,10 +191,6 @@ class CloseStoppedRuns(Callback):
             finish(self.uri, result["mlflow_run_id"], stopped_early="true")
 
 
-def _pct(value: Any) -> str:
-    return "n/a" if value is None or value != value else f"{value:.2%}"
-
-
 def selection_note(selection: dict[str, Any]) -> str:
     """The parent run's description (Markdown): the pick, its rule and its evidence."""
     pair, m, name = selection["pair"], selection["metrics"], selection["objective"]
@@ -201,8 +199,8 @@ def selection_note(selection: dict[str, Any]) -> str:
     lines = [f"**Selected (BG, FG) = ({pair['bg']:g}, {pair['fg']:g})**, by {rule}; "
              f"each pair ranked by its {selection['rank_epoch']} epoch's {name}.",
              "", f"- {name}: {m.get('objective', float('nan')):.4f}",
-             f"- PQS (avg of initial and pseudo-label): {_pct(m.get('pqs_avg'))}",
-             f"- val mIoU (DeepLabv3+): {_pct(m.get('val_miou'))}"]
+             f"- PQS (avg of initial and pseudo-label): {pct(m.get('pqs_avg'))}",
+             f"- val mIoU (DeepLabv3+): {pct(m.get('val_miou'))}"]
     if "regret_val_miou" in selection:
         scope = ("all finished pairs (oracle)" if selection["regret_scope"] == "all"
                  else "the promoted candidates only, not all searched pairs")

@@ -30,14 +30,15 @@ STORE_KEYS = ("data", "affinity", "cams", "features", "classifier")
 
 
 def trial_context(data: DataSpec, affinity: AffinitySpec, prepared: Prepared, objective: str,
-                  threads: int, tracking_uri: str, parent_run_id: str,
+                  rank_epoch: str, threads: int, tracking_uri: str, parent_run_id: str,
                   device: str) -> dict[str, Any]:
     """The small, JSON-able description a worker needs to rebuild a trial's inputs."""
     classifier = prepared.classifier_path
     return {"data": data.model_dump(mode="json"), "affinity": affinity.model_dump(mode="json"),
             "cams": str(prepared.cams.path), "features": str(prepared.features.path),
             "classifier": None if classifier is None else str(classifier),
-            "objective": objective, "threads": threads, "tracking_uri": tracking_uri,
+            "objective": objective, "rank_epoch": rank_epoch, "threads": threads,
+            "tracking_uri": tracking_uri,
             "parent_run_id": parent_run_id, "device": device}
 
 
@@ -99,6 +100,7 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     run_id = tracking.start_child(uri, context["parent_run_id"], 1,
                                   tune.get_context().get_trial_id(), bg, fg)
     logged = tracking.logged_steps(uri, run_id)
+    keep_best = context["rank_epoch"] == "best"
     best: dict[str, Any] | None = None  # the best epoch so far: its objective and edge head
     if (state := _restored()) is not None:  # same weights and epoch (and the same MLflow run)
         trial.load_state_dict(state)
@@ -106,7 +108,7 @@ def stage1(config: dict[str, Any], context: dict[str, Any]) -> None:
     for metrics in run_trial(bg, fg, prepared, spec, trial=trial):
         objective = driving_value(metrics, context["objective"])
         report = {**metrics, "bg": bg, "fg": fg, "objective": objective}
-        if best is None or objective > best["objective"]:  # ties: the earlier epoch stays
+        if keep_best and (best is None or objective > best["objective"]):  # ties: earlier
             best = {"epoch": metrics["epoch"], "objective": objective,
                     "head": {k: v.detach().cpu().clone()
                              for k, v in trial.head.state_dict().items()}}
@@ -127,6 +129,15 @@ def ranked_head(state: dict[str, Any], rank_epoch: str) -> dict[str, Any]:
     return state
 
 
+def restored_trial(prepared: Prepared, spec: AffinitySpec, bg: float, fg: float,
+                   checkpoint: Path, rank_epoch: str, device: str) -> AffinityTrial:
+    """A searched pair's trial rebuilt from its stage-1 checkpoint, with the edge head it was
+    ranked by: what stage 2, label export and the report refine with."""
+    trial = AffinityTrial(prepared, spec, bg, fg, device=device)
+    trial.load_state_dict(ranked_head(read_checkpoint(checkpoint), rank_epoch))
+    return trial
+
+
 def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One promoted pair: its stage-1 edge head makes pseudo-labels for the whole train split
     (frozen features computed on the fly), then DeepLabv3+ trains on them (255 ignored),
@@ -145,10 +156,8 @@ def stage2(config: dict[str, Any], context: dict[str, Any]) -> None:
     if resume is not None and resume["epoch"] >= seg.epochs:  # killed after its last report
         tune.report({**resume["metrics"], "bg": bg, "fg": fg, "mlflow_run_id": run_id})
         return
-    trial = AffinityTrial(prepared.with_live_features(spec, device), spec, bg, fg,
-                          device=device)
-    trial.load_state_dict(ranked_head(read_checkpoint(Path(candidate["checkpoint"])),
-                                      context["rank_epoch"]))
+    trial = restored_trial(prepared.with_live_features(spec, device), spec, bg, fg,
+                           Path(candidate["checkpoint"]), context["rank_epoch"], device)
     labels = dict(trial.pseudo_labels())
     data = DataSpec.model_validate(context["data"])
     val = data.open("val") if data.has_split("val") else None

@@ -130,6 +130,9 @@ def _bootstrap_kendall(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> np.ndar
     return np.where(ok, tau, NAN)
 
 
+GROUND_TRUTH_PROXIES = ("pqs_avg", "pqs_pseudo", "miou_pseudo")
+"""Rankings that need ground truth: validation of the objectives, never an objective."""
+
 # Below this, "outliers" are a matter of which two or three points a line happens to hit
 RANSAC_MIN_POINTS = 8
 
@@ -225,22 +228,6 @@ def finished_pairs(table: pd.DataFrame, epochs: int | None = None) -> pd.DataFra
     if epochs is not None and "training_iteration" in table.columns:
         keep &= table["training_iteration"] >= epochs
     return table.loc[keep]
-
-
-def proxy_statistics(
-    table: pd.DataFrame, proxies: Sequence[str], targets: Sequence[str], **kw: Any
-) -> list[Correlation]:
-    """``correlate`` for every proxy x target present in ``table`` with at least 3 known pairs;
-    ``kw`` goes to ``correlate``."""
-    out = []
-    for p in proxies:
-        for t in targets:
-            if p not in table.columns or t not in table.columns:
-                continue
-            if int((table[p].notna() & table[t].notna()).sum()) < 3:
-                continue
-            out.append(correlate(table[p], table[t], x_name=p, y_name=t, **kw))
-    return out
 
 
 def _ranked(rows: pd.DataFrame, col: str) -> pd.DataFrame:
