@@ -1,6 +1,7 @@
 """Affinity labels (IRN's scheme) on a hand-drawn map, the edge head and its loss."""
 
 import numpy as np
+import pytest
 import torch
 
 from wsss.affinity import EdgeHead, affinity_labels, affinity_loss, downsample_regions
@@ -79,6 +80,7 @@ def test_edge_head_learns_a_boundary():
 def test_crf_regions_follow_the_image():
     """The dense CRF snaps a blurred foreground region to the object's colour edge and keeps the
     neutral band's semantics (fg from the FG map, bg where both maps say background)."""
+    pytest.importorskip("pydensecrf.densecrf", reason="needs the [crf] extra (pydensecrf2)")
     from wsss.regions import confident_regions, crf_regions
 
     image = np.full((32, 32, 3), 20, np.uint8)

@@ -100,6 +100,7 @@ def test_trial_on_imported_irn_cams(ci_config, ci_prepared, tmp_path):
 
 
 def test_crf_trial_learns_from_cleaned_regions(ci_config, ci_prepared):
+    pytest.importorskip("pydensecrf.densecrf", reason="needs the [crf] extra (pydensecrf2)")
     spec = ci_config.affinity.model_copy(update={"epochs": 1, "crf": True})
     crf_trial = AffinityTrial(ci_prepared, spec, 0.2, 0.45)
     plain = AffinityTrial(ci_prepared, ci_config.affinity, 0.2, 0.45)
