@@ -105,7 +105,7 @@ def affinity_loss(edge: torch.Tensor, labels: Sequence[torch.Tensor], radius: in
 
     ``labels`` are the stacked ``[B, n_offsets, h, w]`` float masks from `affinity_labels`.
     """
-    aff = torch.stack([a for _, a in half_plane_affinity(edge, radius)], 1)
+    aff = half_plane_affinity(edge, radius)
     bg_pos, fg_pos, neg = labels
     pos_loss = -torch.log(aff + eps)
     neg_loss = -torch.log(1 + eps - aff)

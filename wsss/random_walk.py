@@ -60,8 +60,9 @@ def half_plane_offsets(radius: int) -> list[Offset]:
     return [offset for offset, _ in _half_plane_paths(radius)]
 
 
-def half_plane_affinity(edge: torch.Tensor, radius: int) -> list[tuple[Offset, torch.Tensor]]:
-    """Each half-plane offset with the ``[B, H, W]`` affinity of every pixel to that neighbour.
+def half_plane_affinity(edge: torch.Tensor, radius: int) -> torch.Tensor:
+    """IRN's affinities from a boundary map: ``[B, n_half, H, W]``, entry ``[b, k, y, x]`` the
+    affinity of pixel ``(y, x)`` to its neighbour at ``half_plane_offsets(radius)[k]``.
 
     Differentiable in ``edge`` (a max over the path), so AffinityNet trains through it.
 
@@ -72,30 +73,32 @@ def half_plane_affinity(edge: torch.Tensor, radius: int) -> list[tuple[Offset, t
     h, w = edge.shape[-2:]
     padded = F.pad(edge, (r, r, 0, r), value=1.0)
     maps = []
-    for offset, path in _half_plane_paths(radius):
+    for _, path in _half_plane_paths(radius):
         on_path = [padded[:, y:y + h, r + x:r + x + w] for y, x in path]
-        maps.append((offset, 1 - torch.stack(on_path).amax(0)))
-    return maps
+        maps.append(1 - torch.stack(on_path).amax(0))
+    return torch.stack(maps, 1) if maps else edge.new_zeros(edge.shape[0], 0, h, w)
 
 
-def _neighbour_affinity(edge: torch.Tensor, radius: int) -> tuple[list[Offset], torch.Tensor]:
-    """All neighbour offsets (sorted) and the ``[B, K, H, W]`` affinity of each pixel to them.
+def _neighbour_affinity(half: torch.Tensor, radius: int) -> tuple[list[Offset], torch.Tensor]:
+    """All neighbour offsets (sorted) and the ``[B, K, H, W]`` affinity of each pixel to them,
+    from the ``[B, n_half, H, W]`` half-plane affinities (`half_plane_offsets` order).
 
     The far half is IRN's transpose: the affinity of ``p`` to ``p - d`` is the one ``p - d``
     has to ``p``, i.e. the half-plane map shifted by ``d``; the zero padding gives pairs leaving
     the image affinity 0. The self-loop is 1, as IRN's identity term.
     """
     r = radius - 1
-    h, w = edge.shape[-2:]
-    by_offset = {(0, 0): torch.ones_like(edge)}
-    for (dy, dx), aff in half_plane_affinity(edge, radius):
+    h, w = half.shape[-2:]
+    by_offset = {(0, 0): half.new_ones(half.shape[0], h, w)}
+    for k, (dy, dx) in enumerate(half_plane_offsets(radius)):
+        aff = half[:, k]
         by_offset[dy, dx] = aff
         by_offset[-dy, -dx] = F.pad(aff, (r, r, r, r))[:, r - dy:r - dy + h, r - dx:r - dx + w]
     offsets = sorted(by_offset)
     return offsets, torch.stack([by_offset[o] for o in offsets], 1)
 
 
-def _transition(edge: torch.Tensor, radius: int, beta: float) -> torch.Tensor:
+def _transition(half: torch.Tensor, radius: int, beta: float) -> torch.Tensor:
     """The walk's ``(B*HW) x (B*HW)`` sparse CSR matrix ``M``, one step being ``y = M @ x``.
 
     Row ``p`` holds ``aff(p, q)**beta / sum_q' aff(p, q')**beta`` for its in-image neighbours
@@ -105,11 +108,11 @@ def _transition(edge: torch.Tensor, radius: int, beta: float) -> torch.Tensor:
     CPU threads): 33 ms, vs 130 ms for 69 shifted-slice ``addcmul_``s, 230 ms for ``unfold``
     and 740 ms for an index gather.
     """
-    b, h, w = edge.shape
-    offsets, aff = _neighbour_affinity(edge, radius)
+    b, _, h, w = half.shape
+    offsets, aff = _neighbour_affinity(half, radius)
     weight = aff.pow(beta)
     weight = weight / weight.sum(1, keepdim=True)
-    device = edge.device
+    device = half.device
     ys = torch.arange(h, device=device).view(h, 1, 1)
     xs = torch.arange(w, device=device).view(1, w, 1)
     dy = torch.tensor([o[0] for o in offsets], device=device)
@@ -163,6 +166,33 @@ def _check_count(name: str, value: int, minimum: int = 0) -> None:
 
 
 @torch.no_grad()
+def walk(scores: torch.Tensor, half: torch.Tensor, *, radius: int, beta: float,
+         steps: int) -> torch.Tensor:
+    """``steps`` random-walk steps of ``scores`` ``[B, C, H, W]`` over a graph given by its
+    half-plane affinities ``half`` ``[B, n_half, H, W]`` in [0, 1] (`half_plane_offsets` order;
+    mirrored, with self-loops of 1, raised to ``beta`` and column-normalised as IRN and PSA do).
+    Any affinity model feeds it: IRN's boundary paths (`propagate`) or PSA's feature distances.
+    """
+    _check_count("radius", radius, minimum=1)
+    _check_count("steps", steps)
+    # 0**0 == 1: at beta <= 0, IRN's dense pow would link every pair of pixels, even far apart.
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    b, c, h, w = scores.shape
+    want = (b, len(half_plane_offsets(radius)), h, w)
+    if tuple(half.shape) != want:
+        raise ValueError(f"half-plane affinities {tuple(half.shape)} do not match scores "
+                         f"{tuple(scores.shape)} at radius {radius}: expected {want}")
+    if steps == 0 or scores.numel() == 0:
+        return scores
+    step = _transition(half.to(scores.dtype), radius, beta)
+    y = scores.permute(0, 2, 3, 1).reshape(b * h * w, c)
+    for _ in range(steps):
+        y = step @ y
+    return y.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
 def propagate(cams: torch.Tensor, edge: torch.Tensor, *, radius: int = 5, beta: float = 10,
               steps: int = 256) -> torch.Tensor:
     """Spread class scores ``steps`` random-walk steps within regions closed by ``edge``.
@@ -175,15 +205,10 @@ def propagate(cams: torch.Tensor, edge: torch.Tensor, *, radius: int = 5, beta: 
     """
     cams4, edge3 = _checked(cams, edge, radius, beta, batched=True)
     _check_count("steps", steps)
-    x = cams4 * (1 - edge3.unsqueeze(1))
-    if steps == 0 or x.numel() == 0:
-        return x.reshape(cams.shape).to(cams.dtype)
-    b, c, h, w = x.shape
-    step = _transition(edge3, radius, beta)
-    y = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-    for _ in range(steps):
-        y = step @ y
-    return y.view(b, h, w, c).permute(0, 3, 1, 2).reshape(cams.shape).to(cams.dtype)
+    start = cams4 * (1 - edge3.unsqueeze(1))
+    half = half_plane_affinity(edge3, radius) if steps and start.numel() else None
+    out = start if half is None else walk(start, half, radius=radius, beta=beta, steps=steps)
+    return out.reshape(cams.shape).to(cams.dtype)
 
 
 @torch.no_grad()
@@ -203,7 +228,8 @@ def propagate_dense(cams: torch.Tensor, edge: torch.Tensor, *, radius: int = 5,
     n = h * w
     pixel = torch.arange(n, device=cams.device).view(h, w)
     matrix = cams4.new_zeros(n, n)
-    for (dy, dx), aff in half_plane_affinity(edge3, radius):
+    half = half_plane_affinity(edge3, radius)
+    for (dy, dx), aff in zip(half_plane_offsets(radius), half.unbind(1)):
         rows, cols = slice(0, h - dy), slice(max(0, -dx), w - max(0, dx))  # neighbour inside
         src = pixel[rows, cols]
         dst = src + dy * w + dx
