@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsss.affinity import EdgeHead, affinity_labels, affinity_loss, downsample_regions
-from wsss.random_walk import half_plane_offsets
+from wsss.random_walk import half_plane_affinity, half_plane_offsets
+from wsss.refine.affinity import affinity_labels, affinity_loss, downsample_regions
+from wsss.refine.irn import EdgeHead
 
 N = 255
 REGIONS = np.array([
@@ -67,7 +68,7 @@ def test_edge_head_learns_a_boundary():
     losses = []
     for _ in range(60):
         edge = torch.sigmoid(head(feats, (8, 8)))
-        loss = affinity_loss(edge, labels, 3)
+        loss = affinity_loss(half_plane_affinity(edge, 3), labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

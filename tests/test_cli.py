@@ -55,7 +55,7 @@ def test_surface_command_end_to_end(tmp_path):
 def test_trial_command_exports_labels(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     small = ["--set", "classifier.epochs=2", "--set", "data.synthetic.n_train=30",
-             "--set", "data.synthetic.n_val=10", "--set", "affinity.epochs=2"]
+             "--set", "data.synthetic.n_val=10", "--set", "refine.irn.epochs=2"]
     assert main(["trial", "--config", "ci", "--bg", "0.2", "--fg", "0.45", *small,
                  "--export-labels", str(tmp_path / "labels")]) == 0
     out = capsys.readouterr().out

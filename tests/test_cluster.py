@@ -75,7 +75,7 @@ def search_args(cfg, runs: Path, name: str, *extra: str) -> list[str]:
         runs.mkdir(parents=True, exist_ok=True)
         os.symlink(cfg.runtime.runs_root / "stores", runs / "stores")
     sets = [f"name={name}", "search.space=pairs", f"search.pairs={PAIRS}", "search.top_k=1",
-            "affinity.epochs=1", "affinity.subset=40", "search.stage2=false",
+            "refine.irn.epochs=1", "trial.subset=40", "search.stage2=false",
             f"data.root={cfg.data.root}", f"runtime.runs_root={runs}"]
     return ["search", "--config", "ci", *[a for s in sets for a in ("--set", s)], *extra]
 
@@ -248,7 +248,7 @@ def test_search_on_a_running_cluster(on_head, ci_config, ci_prepared, tmp_path, 
     assert no_tokens_left(folder, runs / "stores")  # the check cleaned up after itself
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     parent = client.get_run(candidates["mlflow_parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.params["affinity.epochs"] == "1"
+    assert parent.info.status == "FINISHED" and parent.data.params["refine.irn.epochs"] == "1"
     check_children(client, parent.info.run_id, 2)
 
 

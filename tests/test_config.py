@@ -44,7 +44,7 @@ def test_overrides_parse_yaml_values(tmp_path):
     ("search.objective=pqs", r"search\.objective 'pqs' is not registered"),
     ("search.space=pairs", r"search: .*non-empty 'pairs'"),
     ("search.pick=best", r"search\.pick"),
-    ("affinity.steps=-1", r"affinity\.steps"),
+    ("refine.irn.steps=-1", r"refine\.irn\.steps"),
     ("segmentation.encoder_output_stride=4", r"segmentation\.encoder_output_stride"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):

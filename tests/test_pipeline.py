@@ -8,7 +8,7 @@ from sklearn.metrics import average_precision_score
 
 from tune.space import grid_pairs
 from wsss.metrics import threshold_surface
-from wsss.pipeline import initial_surface, prepare
+from wsss.stage0 import initial_surface, prepare
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_second_prepare_reuses_everything(ci_config, ci_prepared):
                                                   ci_prepared.cams.path / "data.npy",
                                                   ci_prepared.features.path / "data.npy")}
     again = prepare(c.data, c.classifier, c.cam, c.runtime.runs_root / "stores",
-                    affinity=c.affinity, device=c.runtime.device, progress=False)
+                    trial=c.trial, features=True, device=c.runtime.device, progress=False)
     assert again.cams.path == ci_prepared.cams.path
     assert again.features.path == ci_prepared.features.path
     assert {f: os.stat(f).st_mtime_ns for f in before} == before

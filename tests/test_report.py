@@ -65,7 +65,7 @@ def search_folder(ci_config, ci_prepared, tmp_path_factory) -> Path:
     os.symlink(ci_config.runtime.runs_root / "stores", runs / "stores")
     assert main(["search", "--config", "ci", "--space", "pairs",
                  "--set", "search.pairs=[[0.1, 0.35], [0.2, 0.45], [0.3, 0.3], [0.25, 0.5]]",
-                 "--set", "affinity.epochs=2", "--set", "affinity.subset=40",
+                 "--set", "refine.irn.epochs=2", "--set", "trial.subset=40",
                  "--set", "search.top_k=2", "--set", "segmentation.epochs=2",
                  "--set", f"runtime.runs_root={runs}",
                  "--set", f"data.root={ci_config.data.root}"]) == 0
@@ -215,22 +215,24 @@ def test_pipeline_refines_only_chosen_images_and_never_builds_when_told(ci_confi
     """What the sample images rely on: ``pseudo_labels(only=...)`` gives exactly those images'
     labels of a full refinement, and ``prepare(build=False)`` reopens the cached stage 0 but
     refuses (without training or writing anything) where nothing is cached."""
+    from conftest import make_trial
+
     from wsss.errors import UserError
-    from wsss.pipeline import AffinityTrial, prepare
+    from wsss.stage0 import prepare
 
     c = ci_config
-    trial = AffinityTrial(ci_prepared, c.affinity, 0.25, 0.5)
+    trial = make_trial(c, ci_prepared, 0.25, 0.5)
     every = dict(trial.pseudo_labels())
     some = dict(trial.pseudo_labels(only=[5, 0]))
     ids = ci_prepared.features.ids
     assert set(some) == {ids[0], ids[5]}
     assert all(np.array_equal(some[i], every[i]) for i in some)
-    initial, truth = trial.initial_and_truth(5)
+    initial, truth = trial.images.initial_and_truth(5)
     assert initial.shape == truth.shape == some[ids[5]].shape
     cached = prepare(c.data, c.classifier, c.cam, c.runtime.runs_root / "stores",
-                     affinity=c.affinity, device="cpu", progress=False, build=False)
+                     trial=c.trial, features=True, device="cpu", progress=False, build=False)
     assert cached.cams.path == ci_prepared.cams.path
     with pytest.raises(UserError, match="stage 0 is not cached: no current classifier"):
-        prepare(c.data, c.classifier, c.cam, tmp_path / "stores", affinity=c.affinity,
-                device="cpu", progress=False, build=False)
+        prepare(c.data, c.classifier, c.cam, tmp_path / "stores", trial=c.trial,
+                features=True, device="cpu", progress=False, build=False)
     assert not (tmp_path / "stores").exists()

@@ -72,8 +72,8 @@ def test_optuna_search_on_local_ray(ci_config, ci_prepared, tmp_path):
     runs.mkdir()
     os.symlink(ci_config.runtime.runs_root / "stores", runs / "stores")
     assert main(["search", "--config", "ci", "--space", "optuna", "--set", "name=tpe",
-                 "--set", "search.num_samples=3", "--set", "affinity.epochs=1",
-                 "--set", "affinity.subset=40", "--set", "search.stage2=false",
+                 "--set", "search.num_samples=3", "--set", "refine.irn.epochs=1",
+                 "--set", "trial.subset=40", "--set", "search.stage2=false",
                  "--set", f"data.root={ci_config.data.root}",
                  "--set", f"runtime.runs_root={runs}"]) == 0
     t = pd.read_csv(runs / "tpe" / "stage1.csv")
@@ -90,7 +90,7 @@ def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
     runs = ci_config.runtime.runs_root  # the session's stores: stage 0 is all cached
     assert main(["search", "--config", "ci", "--space", "pairs", "--data",
                  str(ci_config.data.root), "--set", f"search.pairs={pairs}",
-                 "--set", "affinity.epochs=2", "--set", "affinity.subset=40",
+                 "--set", "refine.irn.epochs=2", "--set", "trial.subset=40",
                  "--set", "search.top_k=2", "--set", "segmentation.epochs=2",
                  "--set", "runtime.progress=true", "--set", f"runtime.runs_root={runs}"]) == 0
     printed = capsys.readouterr().out
@@ -116,7 +116,7 @@ def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
     assert out["tracking_uri"] == f"sqlite:///{(runs / 'mlflow.db').resolve()}"
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["affinity.epochs"] == "2" and parent.data.tags["git_commit"]
+    assert parent.data.params["refine.irn.epochs"] == "2" and parent.data.tags["git_commit"]
     assert parent.data.tags["version.torch"] and parent.data.tags["config_hash"]
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
@@ -260,7 +260,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ci_config, ci_p
     args = ["search", "--config", "ci", "--space", "pairs", "--set", "name=resume",
             "--set", "search.scheduler=none",
             "--set", "search.pairs=[[0.1,0.35],[0.15,0.4],[0.2,0.45],[0.25,0.5]]",
-            "--set", "affinity.epochs=3", "--set", "affinity.subset=40",
+            "--set", "refine.irn.epochs=3", "--set", "trial.subset=40",
             "--set", "search.max_concurrent=1", "--set", "search.top_k=2",
             "--set", "segmentation.epochs=2",
             "--set", f"data.root={ci_config.data.root}", "--set", f"runtime.runs_root={runs}"]
@@ -317,7 +317,7 @@ def test_reselect_says_which_candidates_never_reached_stage_two(tmp_path, capsys
     from tune.cli import main
     from tune.search import reselect
 
-    cfg = load_config("ci", ["search.top_k=2", "affinity.epochs=3"], base_dir=tmp_path)
+    cfg = load_config("ci", ["search.top_k=2", "refine.irn.epochs=3"], base_dir=tmp_path)
     folder = tmp_path / "runs" / "ci"
     folder.mkdir(parents=True)
     (folder / "search.json").write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
@@ -375,8 +375,8 @@ def test_oracle_measures_the_regret_over_every_finished_pair(ci_config, ci_prepa
     os.symlink(ci_config.runtime.runs_root / "stores", runs / "stores")
     assert main(["search", "--config", "ci", "--space", "pairs", "--oracle",
                  "--set", "search.pairs=[[0.1, 0.35], [0.2, 0.45], [0.25, 0.25], [0.3, 0.5]]",
-                 "--set", "name=oracle", "--set", "affinity.epochs=1",
-                 "--set", "affinity.subset=40", "--set", "segmentation.epochs=1",
+                 "--set", "name=oracle", "--set", "refine.irn.epochs=1",
+                 "--set", "trial.subset=40", "--set", "segmentation.epochs=1",
                  "--set", f"data.root={ci_config.data.root}",
                  "--set", f"runtime.runs_root={runs}"]) == 0
     printed = capsys.readouterr().out
@@ -404,7 +404,7 @@ def test_rank_epoch_ranks_by_the_last_or_the_best_epoch_and_stage2_uses_that_hea
     from ray import tune
 
     from tune.search import _history, _ranking_row
-    from tune.trainables import ranked_head
+    from tune.trainables import ranked_state
 
     history = pd.DataFrame({"epoch": [1, 2, 3, 2], "training_iteration": [1, 2, 3, 2],
                             "objective": [0.5, 0.7, 0.6, 0.8], "tecm": [0.5, 0.7, 0.6, 0.8],
@@ -419,7 +419,7 @@ def test_rank_epoch_ranks_by_the_last_or_the_best_epoch_and_stage2_uses_that_hea
     row = _ranking_row(result, epochs, "best")
     assert row["objective"] == row["tecm"] == 0.8 and row["rank_epoch"] == 2
     assert row["training_iteration"] == 3  # epochs trained: what promotion checks
-    state = {"head": {"w": torch.zeros(1)}, "epoch": 3,
-             "best": {"epoch": 2, "objective": 0.8, "head": {"w": torch.ones(1)}}}
-    assert ranked_head(state, "last")["head"]["w"].item() == 0
-    assert ranked_head(state, "best")["head"]["w"].item() == 1
+    state = {"refiner": {"w": torch.zeros(1)}, "epoch": 3,
+             "best": {"epoch": 2, "objective": 0.8, "refiner": {"w": torch.ones(1)}}}
+    assert ranked_state(state, "last")["refiner"]["w"].item() == 0
+    assert ranked_state(state, "best")["refiner"]["w"].item() == 1

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import make_trial, refine_spec
 
-from wsss.pipeline import AffinityTrial, run_trial
+from wsss.trial import Trial, run_trial
 
 pytestmark = pytest.mark.slow
 
@@ -18,9 +19,9 @@ def test_refinement_improves_a_mid_grid_pair(ci_config, ci_prepared):
     (On this tiny split the refined PQS stays near the initial one: -0.2 points with torch
     2.14 / timm 1.0.31, +0.8 with the stack of an earlier session; on the demo data refinement
     adds a median +3.2 points over the paper grid.)"""
-    untrained = AffinityTrial(ci_prepared, ci_config.affinity, 0.15, 0.4).evaluate()
-    history = list(run_trial(0.15, 0.4, ci_prepared, ci_config.affinity))
-    assert [m["epoch"] for m in history] == list(range(1, ci_config.affinity.epochs + 1))
+    untrained = make_trial(ci_config, ci_prepared, 0.15, 0.4).evaluate()
+    history = list(run_trial(make_trial(ci_config, ci_prepared, 0.15, 0.4)))
+    assert [m["epoch"] for m in history] == list(range(1, ci_config.refine.irn.epochs + 1))
     last = history[-1]
     assert set(last) == NAMES
     assert last["pqs_pseudo"] > untrained["pqs_pseudo"] + 0.002, last  # measured +0.0039
@@ -34,33 +35,30 @@ def test_refinement_improves_a_mid_grid_pair(ci_config, ci_prepared):
 
 
 def test_untrained_head_does_not_improve(ci_config, ci_prepared):
-    trial = AffinityTrial(ci_prepared, ci_config.affinity, 0.15, 0.4)
-    untrained = trial.evaluate()
+    untrained = make_trial(ci_config, ci_prepared, 0.15, 0.4).evaluate()
     assert untrained["pqs_pseudo"] < untrained["pqs_initial"]
 
 
 def test_trial_is_deterministic_and_resumes_exactly(ci_config, ci_prepared):
-    spec = ci_config.affinity.model_copy(update={"epochs": 2})
-    a = list(run_trial(0.25, 0.5, ci_prepared, spec))
-    b = list(run_trial(0.25, 0.5, ci_prepared, spec))
+    a = list(run_trial(make_trial(ci_config, ci_prepared, 0.25, 0.5, epochs=2)))
+    b = list(run_trial(make_trial(ci_config, ci_prepared, 0.25, 0.5, epochs=2)))
     assert a == b
-    first = AffinityTrial(ci_prepared, spec, 0.25, 0.5)
-    first.train_epoch()
-    resumed = AffinityTrial(ci_prepared, spec, 0.25, 0.5)
+    first = make_trial(ci_config, ci_prepared, 0.25, 0.5, epochs=2)
+    first.step()
+    resumed = make_trial(ci_config, ci_prepared, 0.25, 0.5, epochs=2)
     resumed.load_state_dict(first.state_dict())
-    assert list(run_trial(0.25, 0.5, ci_prepared, spec, trial=resumed)) == a[1:]
+    assert list(run_trial(resumed)) == a[1:]
 
 
 def test_degenerate_pair(ci_config, ci_prepared):
-    spec = ci_config.affinity.model_copy(update={"epochs": 1})
-    (m,) = run_trial(0.3, 0.3, ci_prepared, spec)
+    (m,) = run_trial(make_trial(ci_config, ci_prepared, 0.3, 0.3, epochs=1))
     assert m["degenerate"] == 1 and m["tecm"] == 1 and m["npr_initial"] == 0
 
 
 def test_pseudo_labels_cover_the_trial_images(ci_config, ci_prepared):
-    trial = AffinityTrial(ci_prepared, ci_config.affinity, 0.2, 0.45)
+    trial = make_trial(ci_config, ci_prepared, 0.2, 0.45)
     labels = dict(trial.pseudo_labels())
-    assert list(labels) == ci_prepared.features.ids
+    assert list(labels) == ci_prepared.features.ids == ci_prepared.trial_ids
     some = labels[ci_prepared.features.ids[0]]
     assert some.dtype == np.uint8 and some.shape == ci_prepared.train.size(0)
     assert set(np.unique(some)) <= {0, 255, *range(1, ci_prepared.train.num_classes)}
@@ -73,7 +71,7 @@ def test_trial_on_imported_irn_cams(ci_config, ci_prepared, tmp_path):
     import torch
 
     from wsss.interop import ImportSpec
-    from wsss.pipeline import prepare
+    from wsss.stage0 import prepare
 
     store, train = ci_prepared.cams, ci_prepared.train
     cam_dir = tmp_path / "irn_cams"
@@ -86,28 +84,26 @@ def test_trial_on_imported_irn_cams(ci_config, ci_prepared, tmp_path):
     weights = tmp_path / "backbone.pth"
     torch.save(timm.create_model("test_resnet", pretrained=False).state_dict(), weights)
     c = ci_config
-    affinity = c.affinity.model_copy(update={"backbone": "test_resnet", "output_stride": 8,
-                                             "backbone_weights": weights, "subset": 40,
-                                             "epochs": 1})
+    spec = c.trial.model_copy(update={"backbone": "test_resnet", "output_stride": 8,
+                                      "backbone_weights": weights, "subset": 40})
     imported = ImportSpec(format="irn", dir=cam_dir, allow_pickle=True)
-    p = prepare(c.data, c.classifier, c.cam, tmp_path / "stores", affinity=affinity,
+    p = prepare(c.data, c.classifier, c.cam, tmp_path / "stores", trial=spec, features=True,
                 imported=imported, device="cpu", progress=False)
     assert p.classifier_path is None and p.stats["classifier_map"] is None
     assert p.cams.ids == train.ids and len(p.features) == 40
     np.testing.assert_allclose(p.cams.scores(3), store.scores(3), atol=2e-3)
-    (m,) = run_trial(0.2, 0.45, p, affinity)
+    (m,) = run_trial(Trial(p, spec, refine_spec(c, epochs=1), 0.2, 0.45))
     assert 0 <= m["tecm"] <= 2 and 0 < m["pqs_initial"] < 1
 
 
 def test_crf_trial_learns_from_cleaned_regions(ci_config, ci_prepared):
     pytest.importorskip("pydensecrf.densecrf", reason="needs the [crf] extra (pydensecrf2)")
-    spec = ci_config.affinity.model_copy(update={"epochs": 1, "crf": True})
-    crf_trial = AffinityTrial(ci_prepared, spec, 0.2, 0.45)
-    plain = AffinityTrial(ci_prepared, ci_config.affinity, 0.2, 0.45)
-    differ = [not np.array_equal(crf_trial._label_regions(k), plain._label_regions(k))
-              for k in range(20)]
+    crf_trial = make_trial(ci_config, ci_prepared, 0.2, 0.45, epochs=1, crf=True)
+    plain = make_trial(ci_config, ci_prepared, 0.2, 0.45)
+    differ = [not np.array_equal(crf_trial.refiner.label_regions(k),
+                                 plain.refiner.label_regions(k)) for k in range(20)]
     assert any(differ)
-    (m,) = run_trial(0.2, 0.45, ci_prepared, spec, trial=crf_trial)
+    (m,) = run_trial(crf_trial)
     assert 0 <= m["tecm"] <= 2 and 0 < m["pqs_pseudo"] < 1
 
 
@@ -116,7 +112,7 @@ def test_train_split_without_masks_gives_the_weakly_supervised_metrics(ci_config
     """TECM needs no ground truth: with image-level labels from `cls_labels.npy` and no train
     masks, a trial reports the same objectives and NPRs, and no PQS/mIoU."""
     from wsss.errors import UserError
-    from wsss.pipeline import Prepared, initial_surface
+    from wsss.stage0 import Prepared, initial_surface
 
     src, root = ci_config.data.root, tmp_path / "no-train-masks"
     root.mkdir()
@@ -135,9 +131,8 @@ def test_train_split_without_masks_gives_the_weakly_supervised_metrics(ci_config
                                              "cls_labels": root / "cls_labels.npy"})
     prepared = Prepared.open(data, ci_prepared.cams.path, ci_prepared.features.path)
     assert not prepared.train.has_masks and ci_prepared.train.has_masks
-    spec = ci_config.affinity.model_copy(update={"epochs": 1})
-    blind = list(run_trial(0.15, 0.4, prepared, spec))[-1]
-    seen = list(run_trial(0.15, 0.4, ci_prepared, spec))[-1]
+    blind = list(run_trial(make_trial(ci_config, prepared, 0.15, 0.4, epochs=1)))[-1]
+    seen = list(run_trial(make_trial(ci_config, ci_prepared, 0.15, 0.4, epochs=1)))[-1]
     assert set(blind) == {"epoch", "affinity_loss", "tecm", "tecm_pooled", "spqs", "degenerate",
                           "npr_initial", "npr_pseudo", "n_to_b", "n_to_f"}
     assert all(blind[k] == seen[k] for k in blind)

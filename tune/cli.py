@@ -212,7 +212,7 @@ def _prepare(args: argparse.Namespace, features: bool):
 
 def cmd_surface(args: argparse.Namespace) -> None:
     from tune.space import grid_pairs
-    from wsss.pipeline import initial_surface
+    from wsss.stage0 import initial_surface
     from wsss.store import write_csv_atomic
 
     start = time.perf_counter()
@@ -238,24 +238,26 @@ TRIAL_COLUMNS = ("epoch", "affinity_loss", "tecm", "tecm_pooled", "npr_initial",
 
 
 def cmd_trial(args: argparse.Namespace) -> None:
-    from wsss.pipeline import AffinityTrial, run_trial
     from wsss.pseudo_labels import export_labels
     from wsss.regions import check_pair
+    from wsss.trial import Trial, run_trial
 
     check_pair(args.bg, args.fg, where="--")
     start = time.perf_counter()
     cfg, prepared = _prepare(args, features=True)
     t_prepare = time.perf_counter() - start
-    trial = AffinityTrial(prepared, cfg.affinity, args.bg, args.fg, device=cfg.runtime.device)
+    trial = Trial(prepared, cfg.trial, cfg.refine, args.bg, args.fg, device=cfg.runtime.device)
     rows = []
-    for metrics in run_trial(args.bg, args.fg, prepared, cfg.affinity, trial=trial):
+    for metrics in run_trial(trial):
         rows.append(metrics)
         pqs = (f", PQS {metrics['pqs_initial']:.2%} -> {metrics['pqs_pseudo']:.2%}"
                if "pqs_pseudo" in metrics else "")  # ground truth: validation only
-        print(f"epoch {metrics['epoch']}: TECM {metrics['tecm']:.4f}{pqs}", flush=True)
+        step = f"epoch {metrics['epoch']}" if trial.refiner.epochs else "refined"
+        print(f"{step}: TECM {metrics['tecm']:.4f}{pqs}", flush=True)
     table = pd.DataFrame(rows)
     table = table[[c for c in TRIAL_COLUMNS if c in table]]
-    print(f"\ntrial (BG, FG) = ({args.bg}, {args.fg}) on {len(prepared.features)} train images"
+    print(f"\ntrial (BG, FG) = ({args.bg}, {args.fg}), refiner {cfg.refine.method}, on "
+          f"{len(trial.images)} train images"
           f"{' (degenerate: no neutral pixel)' if rows[-1]['degenerate'] else ''}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.export_labels:

@@ -14,17 +14,17 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from tune.space import SamplerBounds, Space
-from wsss.affinity import AffinitySpec
 from wsss.cam import CamSpec
 from wsss.classifier import ClassifierSpec
 from wsss.data import DataSpec
 from wsss.errors import UserError
 from wsss.interop import ImportSpec
 from wsss.objectives import check_objective
-from wsss.pipeline import Prepared, prepare
+from wsss.refine import RefineSpec
 from wsss.regions import check_pair
 from wsss.segmentation import SegmentationSpec
 from wsss.spec import Spec
+from wsss.stage0 import Prepared, TrialSpec, prepare
 
 
 class Section(Spec):
@@ -107,7 +107,8 @@ class Config(Section):
     classifier: ClassifierSpec = Field(default_factory=ClassifierSpec)
     cam: CamSpec = Field(default_factory=CamSpec)
     import_cams: ImportSpec | None = None
-    affinity: AffinitySpec = Field(default_factory=AffinitySpec)
+    trial: TrialSpec = Field(default_factory=TrialSpec)
+    refine: RefineSpec = Field(default_factory=RefineSpec)
     surface: SurfaceConfig = Field(default_factory=SurfaceConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     segmentation: SegmentationSpec = Field(default_factory=SegmentationSpec)
@@ -177,12 +178,20 @@ def _format_errors(err: ValidationError, where: str) -> str:
     return f"invalid config {where}:\n" + "\n".join(lines)
 
 
+MOVED = {"affinity": "the 'affinity' section was split: subset, seed, backbone, "
+                     "backbone_weights, output_stride and levels moved to 'trial'; the edge "
+                     "head, its training and the walk to 'refine.irn' (docs/refiners.md)"}
+
+
 def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
                 base_dir: Path | None = None) -> Config:
     """Load a YAML file (or a packaged config by name), apply overrides, validate, resolve paths."""
     data, where = _read_yaml(source)
     for assignment in overrides:
         apply_override(data, assignment)
+    for key, note in MOVED.items():
+        if key in data:
+            raise UserError(f"invalid config {where}: {note}")
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
@@ -193,7 +202,9 @@ def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
 def stage0(cfg: Config, features: bool = True) -> Prepared:
     """`prepare` with the config's settings, cached under ``<runs_root>/stores`` (a second run
-    trains nothing); ``features``: also the feature store the trials read."""
+    trains nothing); ``features``: also the feature store the trials read, when the refiner
+    trains on features."""
     return prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                   affinity=cfg.affinity if features else None, imported=cfg.import_cams,
-                   device=cfg.runtime.device, progress=cfg.runtime.progress)
+                   trial=cfg.trial, features=features and cfg.refine.needs_features,
+                   imported=cfg.import_cams, device=cfg.runtime.device,
+                   progress=cfg.runtime.progress)

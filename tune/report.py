@@ -116,8 +116,11 @@ class Evidence:
 
     @property
     def epochs(self) -> int | None:
-        """AffinityNet epochs of a full stage-1 trial (fewer: ASHA stopped it)."""
-        epochs = (self.config.get("affinity") or {}).get("epochs")
+        """Reports of a full stage-1 trial (fewer: ASHA stopped it): its refiner's epochs."""
+        from wsss.refine import RefineSpec
+
+        refine = self.config.get("refine")
+        epochs = None if refine is None else RefineSpec.model_validate(refine).reports
         if epochs is None and self.stage1 is not None and "training_iteration" in self.stage1:
             epochs = self.stage1["training_iteration"].max()
         return None if epochs is None or pd.isna(epochs) else int(epochs)
@@ -653,31 +656,31 @@ def sample_maps(ev: Evidence, samples: int) -> dict[str, Any]:
     read from its checkpoint). Opens the cached stage-0 stores and never builds them."""
     from tune.search import saved_config
     from tune.trainables import restored_trial
-    from wsss.pipeline import prepare
+    from wsss.stage0 import prepare
 
     cfg = saved_config(ev.folder)
     prepared = prepare(cfg.data, cfg.classifier, cfg.cam, cfg.runtime.runs_root / "stores",
-                       affinity=cfg.affinity, imported=cfg.import_cams, device="cpu",
-                       progress=False, build=False)
+                       trial=cfg.trial, features=cfg.refine.needs_features,
+                       imported=cfg.import_cams, device="cpu", progress=False, build=False)
     checkpoints = dict(zip(zip(ev.stage1.bg, ev.stage1.fg), ev.stage1.get("checkpoint", [])))
-    ids, store = prepared.features.ids, prepared.cams
+    ids = prepared.trial_ids
     columns, chosen, first = [], None, None
     for bg, fg in ev.promoted[:SAMPLE_CANDIDATES]:
         path = checkpoints.get((bg, fg))
         if not isinstance(path, str) or not Path(path).is_dir():
             raise UserError(f"the stage-1 checkpoint of {pair_text(bg, fg)} is missing ({path})")
-        trial = restored_trial(prepared, cfg.affinity, bg, fg, Path(path),
+        trial = restored_trial(prepared, (cfg.trial, cfg.refine), bg, fg, Path(path),
                                cfg.search.rank_epoch, "cpu")
         if chosen is None:  # the same images for every candidate: those with a foreground class
-            chosen = [k for k in range(len(ids)) if len(store.keys(trial.index[k]))][:samples]
+            chosen = [k for k in range(len(ids)) if len(trial.images.keys(k))][:samples]
             first = trial
         pseudo = dict(trial.pseudo_labels(only=chosen))
-        columns.append(((bg, fg), [trial.initial_and_truth(k)[0] for k in chosen],
+        columns.append(((bg, fg), [trial.images.initial_and_truth(k)[0] for k in chosen],
                         [pseudo[ids[k]] for k in chosen]))
     if first is None:
         raise UserError("no promoted candidate")
-    images = [prepared.train.image(first.train_index[k]) for k in chosen]
-    truths = [first.initial_and_truth(k)[1] for k in chosen]
+    images = [first.images.image(k) for k in chosen]
+    truths = [first.images.initial_and_truth(k)[1] for k in chosen]
     return {"ids": [ids[k] for k in chosen], "images": images,
             "truths": None if any(t is None for t in truths) else truths, "columns": columns,
             "class_names": list(prepared.train.class_names)}

@@ -33,9 +33,9 @@ from wsss.analysis import GROUND_TRUTH_PROXIES, finished_pairs, pick_quality
 from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
 from wsss.objectives import OBJECTIVES
-from wsss.pipeline import Prepared, digest
 from wsss.pseudo_labels import export_labels
 from wsss.segmentation import build_model
+from wsss.stage0 import Prepared, digest
 from wsss.store import write_csv_atomic, write_json_atomic
 
 log = logging.getLogger("tune")
@@ -69,12 +69,12 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
     ranking epoch) and one row per trial and epoch."""
     search, threads = cfg.search, max(1, int(cfg.search.cpus_per_trial))
     param_space, algo, num_samples = stage1_space(search)
-    scheduler = None
-    if search.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.affinity.epochs,
-                                  grace_period=min(search.grace_period, cfg.affinity.epochs),
+    scheduler, reports = None, cfg.refine.reports
+    if search.scheduler == "asha" and reports > 1:  # one report (crf): nothing to stop early
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                                  grace_period=min(search.grace_period, reports),
                                   reduction_factor=search.reduction_factor)
-    context = trial_context(cfg.data, cfg.affinity, prepared, search.objective,
+    context = trial_context(cfg.data, (cfg.trial, cfg.refine), prepared, search.objective,
                             search.rank_epoch, threads, tracking_uri, parent_run_id,
                             trial_device(cfg.runtime.device, search.gpus_per_trial))
     trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
@@ -86,11 +86,13 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
         return _trials_table(tuner.fit(), tracking_uri, search.rank_epoch)
     total = len(param_space["pair"]["grid_search"]) if param_space else num_samples
     if cfg.runtime.progress:
-        say(f"stage 1: {total} trials ({search.space} space), objective {search.objective}, "
-             f"{'ASHA' if scheduler else 'no early stopping'}, up to {search.max_concurrent} "
-             f"at a time")
-    callbacks = [tracking.CloseStoppedRuns(tracking_uri, cfg.affinity.epochs)] + (
-        [Stage1Progress(total, cfg.affinity.epochs, search.objective)]
+        stopping = ("ASHA" if scheduler else "no early stopping" + (
+            f" ({cfg.refine.method} does not train: one report per trial)"
+            if reports == 1 and search.scheduler == "asha" else ""))
+        say(f"stage 1: {total} trials ({search.space} space), refiner {cfg.refine.method}, "
+            f"objective {search.objective}, {stopping}, up to {search.max_concurrent} at a time")
+    callbacks = [tracking.CloseStoppedRuns(tracking_uri, reports)] + (
+        [Stage1Progress(total, reports, search.objective)]
         if cfg.runtime.progress else [])
     tuner = tune.Tuner(
         trainable, param_space=param_space,
@@ -188,7 +190,7 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
     if gpus is None:  # a whole GPU per DeepLabv3+ training wherever the cluster has one
         gpus = (1.0 if cfg.runtime.device != "cpu"
                 and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
-    context = {**trial_context(cfg.data, cfg.affinity, prepared, search.objective,
+    context = {**trial_context(cfg.data, (cfg.trial, cfg.refine), prepared, search.objective,
                                search.rank_epoch, max(1, int(cpus)), tracking_uri,
                                parent_run_id, trial_device(cfg.runtime.device, gpus)),
                "segmentation": cfg.segmentation.model_dump(mode="json")}
@@ -315,7 +317,7 @@ def reselect(folder: Path, *, policy: str | None = None,
     if not (folder / "stage1.csv").is_file():
         raise UserError(f"{folder} has no stage1.csv: its stage 1 did not finish (resume it)")
     table = pd.read_csv(folder / "stage1.csv")
-    candidates = promote(table, k=cfg.search.top_k, policy=policy, epochs=cfg.affinity.epochs)
+    candidates = promote(table, k=cfg.search.top_k, policy=policy, epochs=cfg.refine.reports)
     missing = list(zip(candidates.bg, candidates.fg))
     if (folder / "stage2.csv").is_file():
         stage2 = pd.read_csv(folder / "stage2.csv")[["bg", "fg", "val_miou", "seg_loss"]]
@@ -340,8 +342,8 @@ def export_run_labels(folder: Path, out: Path,
         searched = ", ".join(f"{r.bg:g},{r.fg:g}" for r in table.itertuples())
         raise UserError(f"pair {pair[0]:g},{pair[1]:g} has no stage-1 trial in {folder}; "
                         f"searched pairs: {searched}")
-    prepared = stage0(cfg).with_live_features(cfg.affinity, cfg.runtime.device)
-    trial = restored_trial(prepared, cfg.affinity, pair[0], pair[1],
+    prepared = stage0(cfg).whole_split(cfg.trial, cfg.refine.needs_features, cfg.runtime.device)
+    trial = restored_trial(prepared, (cfg.trial, cfg.refine), pair[0], pair[1],
                            Path(match.iloc[0].checkpoint), cfg.search.rank_epoch,
                            cfg.runtime.device)
     return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
@@ -362,7 +364,7 @@ def begin_search(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[st
     folder.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or tracking.default_uri(cfg.runtime.runs_root)
     config = cfg.model_dump(mode="json")
-    seeds = {"classifier": cfg.classifier.seed, "affinity": cfg.affinity.seed,
+    seeds = {"classifier": cfg.classifier.seed, "trial": cfg.trial.seed,
              "search": cfg.search.seed}
     parent = tracking.start_parent(uri, cfg.name, config,
                                    tracking.provenance(seeds, digest(config)))
@@ -451,7 +453,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         write_csv_atomic(curves, folder / "stage1_epochs.csv")
         search = cfg.search
         candidates = promote(table, k=search.top_k, policy=search.policy,
-                             epochs=cfg.affinity.epochs)
+                             epochs=cfg.refine.reports)
         summary = {"objective": search.objective, "policy": search.policy,
                    "top_k": search.top_k, "mlflow_parent_run_id": parent,
                    "candidates": candidates[["bg", "fg", "objective", "trial_id",
@@ -465,7 +467,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
             write_csv_atomic(seg_curves, folder / "stage2_epochs.csv")
         selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
         tracking.record_selection(uri, parent, selection, table, candidates,
-                                  finished_pairs(table, cfg.affinity.epochs))
+                                  finished_pairs(table, cfg.refine.reports))
         report = finish_report(folder, uri, parent, cfg.runtime.progress)
         tracking.log_artifacts(uri, parent, [folder / n for n in (
             "stage1.csv", "stage1_epochs.csv", "candidates.json", "stage2.csv",

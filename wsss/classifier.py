@@ -43,19 +43,22 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def create_backbone(model: str, output_stride: int, weights: Path | None = None) -> nn.Module:
-    """A timm feature extractor (all levels); weights only from a local file."""
+def create_backbone(model: str, output_stride: int, weights: Path | None = None, *,
+                    keys: tuple[str, str] = ("classifier.model", "classifier.weights")
+                    ) -> nn.Module:
+    """A timm feature extractor (all levels); weights only from a local file. ``keys`` are the
+    caller's config keys of the model and the weights, named in errors."""
     kwargs: dict = {"features_only": True, "output_stride": output_stride}
     if weights is not None:
         if not Path(weights).is_file():
-            raise UserError(f"classifier.weights: file {weights} not found")
+            raise UserError(f"{keys[1]}: file {weights} not found")
         kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}}
     try:
         return timm.create_model(model, **kwargs)
     except RuntimeError as e:  # timm's "Unknown model" / unsupported output_stride
-        raise UserError(f"classifier.model {model!r}: {e}") from None
+        raise UserError(f"{keys[0]} {model!r}: {e}") from None
     except (TypeError, AssertionError) as e:
-        raise UserError(f"classifier.model {model!r} does not support output_stride="
+        raise UserError(f"{keys[0]} {model!r} does not support output_stride="
                         f"{output_stride} as a feature extractor: {e}") from None
 
 

@@ -63,21 +63,28 @@ def confident_regions(scores: np.ndarray, keys: np.ndarray, bg: float, fg: float
     return out
 
 
+def dense_crf(where: str):
+    """The optional ``pydensecrf`` module, or a `UserError` naming the config key ``where``."""
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError:
+        raise UserError(f"{where} needs the optional dense CRF package: "
+                        "pip install 'wsss-tune[crf]' (pydensecrf2)") from None
+    return dcrf
+
+
 def crf_regions(image: np.ndarray, scores: np.ndarray, keys: np.ndarray, bg: float, fg: float, *,
-                iterations: int = 10, gt_prob: float = 0.7) -> np.ndarray:
+                iterations: int = 10, gt_prob: float = 0.7, where: str = "crf") -> np.ndarray:
     """Confident regions cleaned by a dense CRF, as IRN/PuzzleCAM do before AffinityNet.
 
     Two label maps are smoothed on the image: "class where ``m >= FG``, else 0" and "class where
     ``m > BG``, else 0". A pixel is foreground where the first says so, background where both
     say 0, neutral otherwise (IRN's ``cam_to_ir_label``, with our tie rules). Needs the optional
-    ``pydensecrf2`` package (``pip install 'wsss-tune[crf]'``).
+    ``pydensecrf2`` package (``pip install 'wsss-tune[crf]'``); ``where`` is the config key that
+    asked for it, named in the error when the package is missing.
     """
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_labels
-    except ImportError:
-        raise UserError("affinity.crf needs the optional dense CRF package: "
-                        "pip install 'wsss-tune[crf]' (pydensecrf2)") from None
+    dcrf = dense_crf(where)
+    from pydensecrf.utils import unary_from_labels
     bg, fg = check_pair(bg, fg)
     m, cls = max_and_argmax(scores, keys)
     h, w = m.shape

@@ -1,0 +1,59 @@
+"""Refinement as a pluggable stage: ``refine.method`` picks a registered refiner (docs/refiners.md).
+
+``irn`` (default): IRN's boundary-aware AffinityNet; ``psa``: PSA's original AffinityNet;
+``crf``: a dense CRF of the CAMs, no training. Each has its own typed config section.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from wsss.refine.base import REFINERS, Refiner, TrialImages, register_refiner
+from wsss.refine.crf import CrfSpec
+from wsss.refine.irn import IrnSpec
+from wsss.refine.psa import PsaSpec
+from wsss.spec import Spec
+
+__all__ = ["REFINERS", "RefineSpec", "Refiner", "TrialImages", "create_refiner",
+           "register_refiner"]
+
+
+class RefineSpec(Spec):
+    """The ``refine`` config section: the method, and every method's own settings."""
+
+    method: str = Field("irn", description="a registered refiner: irn, psa or crf")
+    irn: IrnSpec = Field(default_factory=IrnSpec)
+    psa: PsaSpec = Field(default_factory=PsaSpec)
+    crf: CrfSpec = Field(default_factory=CrfSpec)
+
+    @model_validator(mode="after")
+    def _known(self) -> RefineSpec:
+        if self.method not in REFINERS:
+            raise ValueError(f"method {self.method!r} is not a registered refiner; choose one "
+                             f"of {sorted(REFINERS)}")
+        return self
+
+    @property
+    def section(self) -> Spec:
+        """The chosen method's settings."""
+        return getattr(self, self.method)
+
+    @property
+    def epochs(self) -> int:
+        """Training epochs of the chosen method (0: it does not train)."""
+        return getattr(self.section, "epochs", 0)
+
+    @property
+    def reports(self) -> int:
+        """How often a trial reports: after every epoch, or once for a method that does not
+        train. What early stopping, progress and promotion count in."""
+        return max(1, self.epochs)
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether stage 0 must store frozen features for this method (the trained ones)."""
+        return self.epochs > 0
+
+
+def create_refiner(spec: RefineSpec, images: TrialImages) -> Refiner:
+    return REFINERS[spec.method](images, spec.section)

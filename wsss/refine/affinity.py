@@ -1,0 +1,172 @@
+"""Refiners that learn pairwise affinities from the confident regions, then random-walk the CAMs.
+
+The labels are IRN's and PSA's scheme: from confident regions on the CAM grid, a pixel pair within
+``label_radius`` is a background positive (both background), a foreground positive (both the same
+class), a negative (different labels), or ignored (either end neutral, or outside the image).
+Both methods train with the same balanced loss, ``(bg_pos / 2 + fg_pos / 2 + neg) / 2`` of
+per-class-mean log losses (PSA writes it ``bg/4 + fg/4 + neg/2``), and walk with
+`wsss.random_walk.walk`; they differ only in how a head turns frozen features into the half-plane
+affinities (`AffinityRefiner.affinity`) and where the walk starts (`AffinityRefiner.start`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from wsss.random_walk import half_plane_offsets, walk
+from wsss.refine.base import TrialImages
+from wsss.regions import NEUTRAL, crf_regions
+from wsss.spec import Spec
+
+
+class AffinityTraining(Spec):
+    """What the trained affinity refiners (``irn``, ``psa``) share: their training on the
+    affinity labels of the pair's confident regions, and the random walk on what they learn."""
+
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_radius: int = Field(10, ge=1, description="pairs within this radius are trained")
+    walk_radius: int = Field(5, ge=1, description="the walk links pixels within this radius")
+    beta: float = Field(10.0, gt=0, description="affinities are raised to beta before the walk")
+    crf: bool = Field(False, description="dense CRF on the regions the affinities learn from "
+                                         "(IRN/PuzzleCAM); needs the [crf] extra")
+
+    @property
+    def walk_steps(self) -> int:
+        """Random-walk steps (each method says how it counts them)."""
+        raise NotImplementedError
+
+
+def downsample_regions(regions: np.ndarray, grid: tuple[int, int], stride: int) -> np.ndarray:
+    """Image-resolution region labels -> the feature grid, by nearest sampling at cell centres.
+
+    IRN rescales its label maps with nearest interpolation; sampling the centre pixel of each
+    ``stride x stride`` cell does the same without an image library.
+    """
+    h, w = grid
+    ys = np.minimum(np.arange(h) * stride + stride // 2, regions.shape[0] - 1)
+    xs = np.minimum(np.arange(w) * stride + stride // 2, regions.shape[1] - 1)
+    return regions[np.ix_(ys, xs)]
+
+
+def affinity_labels(regions: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean ``[n_offsets, h, w]`` masks (bg positive, fg positive, negative) per half-plane
+    offset of `half_plane_offsets(radius)`: entry ``[k, y, x]`` is the pair ``(y, x)`` ->
+    ``(y, x) + offset_k``. Pairs touching a neutral pixel or leaving the map are in none."""
+    h, w = regions.shape
+    padded = np.pad(regions, radius, constant_values=NEUTRAL)
+    src = regions[None]
+    dst = np.stack([padded[radius + dy:radius + dy + h, radius + dx:radius + dx + w]
+                    for dy, dx in half_plane_offsets(radius)])
+    valid = (src != NEUTRAL) & (dst != NEUTRAL)
+    same = src == dst
+    return valid & same & (src == 0), valid & same & (src != 0), valid & ~same
+
+
+def affinity_loss(aff: torch.Tensor, labels: Sequence[torch.Tensor],
+                  eps: float = 1e-5) -> torch.Tensor:
+    """The balanced affinity loss of half-plane affinities ``aff`` ``[B, n_offsets, h, w]`` in
+    [0, 1], for the stacked ``[B, n_offsets, h, w]`` float masks from `affinity_labels`."""
+    bg_pos, fg_pos, neg = labels
+    pos_loss = -torch.log(aff + eps)
+    neg_loss = -torch.log(1 + eps - aff)
+    bg = (bg_pos * pos_loss).sum() / (bg_pos.sum() + eps)
+    fg = (fg_pos * pos_loss).sum() / (fg_pos.sum() + eps)
+    ng = (neg * neg_loss).sum() / (neg.sum() + eps)
+    return (bg / 2 + fg / 2 + ng) / 2
+
+
+class AffinityRefiner:
+    """Training and walking shared by the affinity refiners; a subclass builds the head
+    (`build_head`), reads affinities off its output (`affinity`) and says where the walk starts
+    (`start`). Deterministic for a seed on CPU."""
+
+    def __init__(self, images: TrialImages, spec: AffinityTraining) -> None:
+        self.images, self.spec = images, spec
+        self.epochs = spec.epochs
+        torch.manual_seed(images.seed)
+        self.head = self.build_head(images.channels).to(images.device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=spec.lr,
+                                           weight_decay=spec.weight_decay)
+        self._label_cache: dict[int, np.ndarray] = {}
+
+    def build_head(self, channels: Sequence[int]) -> nn.Module:
+        raise NotImplementedError
+
+    def affinity(self, out: torch.Tensor, radius: int) -> torch.Tensor:
+        """Half-plane affinities ``[B, n_half, h, w]`` in [0, 1] from the head's output."""
+        raise NotImplementedError
+
+    def start(self, cams: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The walk's starting scores ``[B, K, h, w]`` for the batch's CAMs."""
+        raise NotImplementedError
+
+    def label_regions(self, k: int) -> np.ndarray:
+        """The regions the affinities learn from, on the CAM grid: computed once per trial (they
+        do not change between epochs), CRF-cleaned when the section's ``crf`` is on."""
+        if k not in self._label_cache:
+            images = self.images
+            if self.spec.crf:
+                regions = crf_regions(images.image(k), images.scores(k), images.keys(k),
+                                      images.bg, images.fg, where=f"refine.{self.name}.crf")
+            else:
+                regions = images.initial_and_truth(k)[0]  # kept for evaluation too
+            self._label_cache[k] = downsample_regions(regions, images.grid(k),
+                                                      images.grid_stride(k))
+        return self._label_cache[k]
+
+    def _out(self, batch: Sequence[int]) -> torch.Tensor:
+        return self.head(self.images.features(batch), self.images.grid(batch[0]))
+
+    def train_epoch(self, epoch: int) -> float:
+        self.head.train()
+        images, spec = self.images, self.spec
+        rng = np.random.default_rng([images.seed, epoch])
+        batches = images.batches(rng.permutation(len(images)), spec.batch_size)
+        total = 0.0
+        for b in rng.permutation(len(batches)).tolist():
+            batch = batches[b]
+            masks = [affinity_labels(self.label_regions(k), spec.label_radius) for k in batch]
+            labels = [torch.from_numpy(np.stack([m[t] for m in masks])).float()
+                      .to(images.device) for t in range(3)]
+            loss = affinity_loss(self.affinity(self._out(batch), spec.label_radius), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(batch)
+        return total / len(images)
+
+    @torch.no_grad()
+    def refine(self, batch: Sequence[int]) -> list[torch.Tensor]:
+        """One walk for the whole batch: images with fewer classes are padded with zero
+        channels, which the walk (linear, per channel) leaves at zero."""
+        self.head.eval()
+        images, spec = self.images, self.spec
+        cams = [torch.from_numpy(images.cams(k)) for k in batch]
+        n_classes = [len(c) for c in cams]
+        if max(n_classes) == 0:
+            return cams
+        h, w = images.grid(batch[0])
+        stacked = torch.zeros(len(batch), max(n_classes), h, w)
+        for b, c in enumerate(cams):
+            stacked[b, :len(c)] = c
+        out = self._out(batch)
+        refined = walk(self.start(stacked.to(images.device), out),
+                       self.affinity(out, spec.walk_radius), radius=spec.walk_radius,
+                       beta=spec.beta, steps=spec.walk_steps)
+        return [refined[b, :n] for b, n in enumerate(n_classes)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,113 @@
+"""One (BG, FG) trial, whatever the refiner: regions, refinement, pseudo-labels, every metric.
+
+The refiner (``refine.method``, `wsss.refine`) turns the pair's confident regions and CAMs into
+refined scores, training first when it trains; this module scores them all the same way, so the
+objectives stay refiner-agnostic. State (the refiner's, and the epoch) round-trips through
+`Trial.state_dict`, so a search can checkpoint after any report and resume. Deterministic for a
+seed on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsss.classifier import resolve_device
+from wsss.metrics import confusion, region_metrics, transition_counts
+from wsss.objectives import all_objectives
+from wsss.pseudo_labels import pseudo_labels
+from wsss.refine import RefineSpec, TrialImages, create_refiner
+from wsss.stage0 import Prepared, TrialSpec
+
+
+class Trial:
+    """A refiner bound to one pair's trial images; `step` trains an epoch (if the refiner
+    trains) and evaluates. ``reports`` steps make the whole trial."""
+
+    def __init__(self, prepared: Prepared, trial: TrialSpec, refine: RefineSpec, bg: float,
+                 fg: float, *, device: str | torch.device = "cpu"):
+        self.images = TrialImages(prepared, bg, fg, resolve_device(device), trial.seed)
+        self.bg, self.fg = self.images.bg, self.images.fg
+        self.refiner = create_refiner(refine, self.images)
+        self.reports = refine.reports
+        self.epoch = 0  # steps done: training epochs, or the one evaluation of a crf trial
+        self.batch_size = getattr(refine.section, "batch_size", 16)
+        self._conf_initial: np.ndarray | None = None
+
+    def step(self) -> dict[str, float]:
+        """One report: an epoch of training (when the refiner trains), then every metric."""
+        loss = {}
+        if self.refiner.epochs:
+            loss = {"affinity_loss": self.refiner.train_epoch(self.epoch)}
+        self.epoch += 1
+        return {"epoch": self.epoch, **loss, **self.evaluate()}
+
+    def _refined(self, only: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (trial image, pseudo-labels at image resolution) for every trial image, or for
+        the trial images ``only`` (a report's few samples need not refine the whole subset)."""
+        images = self.images
+        chosen = range(len(images)) if only is None else [int(k) for k in only]
+        for batch in images.batches(chosen, self.batch_size):
+            for k, refined in zip(batch, self.refiner.refine(batch), strict=True):
+                yield k, pseudo_labels(refined.cpu().numpy(), images.keys(k),
+                                       images.image_size(k), self.bg, self.fg)
+
+    def evaluate(self) -> dict[str, float]:
+        """The trial's metrics (names as in docs/definitions.md) over its images, pooled where
+        pooled; those that need ground truth only where the train split has masks."""
+        train = self.images.prepared.train
+        c = train.num_classes
+        first = self._conf_initial is None  # the initial regions' confusion never changes
+        conf_i = np.zeros((c, c + 1), np.int64)
+        conf_p = np.zeros_like(conf_i)
+        counts = []
+        for k, pseudo in self._refined():
+            initial, gt = self.images.initial_and_truth(k)
+            if gt is not None:
+                if first:
+                    conf_i += confusion(initial, gt, c)
+                conf_p += confusion(pseudo, gt, c)
+            counts.append(transition_counts(initial, pseudo, c))
+        if first:
+            self._conf_initial = conf_i
+        conf_i = self._conf_initial
+        pixels = sum(x["n_pixels"] for x in counts)
+        degenerate = not any(x["neutral_initial"] for x in counts)
+        initial = region_metrics(conf_i, pixels, sum(x["neutral_initial"] for x in counts))
+        pseudo = region_metrics(conf_p, pixels, sum(x["neutral_refined"] for x in counts))
+        unsupervised = {
+            **all_objectives(counts), "degenerate": float(degenerate),
+            "npr_initial": initial["npr"], "npr_pseudo": pseudo["npr"],
+            "n_to_b": sum(x["n_to_b"] for x in counts) / pixels,
+            "n_to_f": sum(x["n_to_f"] for x in counts) / pixels}
+        if not train.has_masks:
+            return unsupervised
+        return {
+            **unsupervised,
+            "miou_nn_initial": initial["miou_nn"], "miou_nn_pseudo": pseudo["miou_nn"],
+            "pqs_initial": initial["pqs"], "pqs_pseudo": pseudo["pqs"],
+            "pqs_avg": (initial["pqs"] + pseudo["pqs"]) / 2, "miou_pseudo": pseudo["miou"],
+        }
+
+    def pseudo_labels(self, only: Sequence[int] | None = None):
+        """Yield (image id, uint8 pseudo-label map) for every trial image (or those ``only``)."""
+        for k, pseudo in self._refined(only):
+            yield self.images.ids[k], pseudo
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"refiner": self.refiner.state_dict(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.refiner.load_state_dict(state["refiner"])
+        self.epoch = int(state["epoch"])
+
+
+def run_trial(trial: Trial) -> Iterator[dict[str, float]]:
+    """Yield the metrics after each step until the trial is complete (what a Ray trainable
+    reports for early stopping): ``{"epoch", "affinity_loss", "tecm", ...}``. A trial restored
+    from a state continues where it stopped."""
+    while trial.epoch < trial.reports:
+        yield trial.step()
