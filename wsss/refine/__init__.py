@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator
 
 from wsss.refine.base import REFINERS, Refiner, TrialImages, register_refiner
 from wsss.refine.crf import CrfSpec
@@ -26,12 +26,12 @@ class RefineSpec(Spec):
     psa: PsaSpec = Field(default_factory=PsaSpec)
     crf: CrfSpec = Field(default_factory=CrfSpec)
 
-    @model_validator(mode="after")
-    def _known(self) -> RefineSpec:
-        if self.method not in REFINERS:
-            raise ValueError(f"method {self.method!r} is not a registered refiner; choose one "
-                             f"of {sorted(REFINERS)}")
-        return self
+    @field_validator("method")
+    @classmethod
+    def _known(cls, method: str) -> str:
+        if method not in REFINERS:
+            raise ValueError(f"not a registered refiner; choose one of {sorted(REFINERS)}")
+        return method
 
     @property
     def section(self) -> Spec:
