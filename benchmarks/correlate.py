@@ -23,7 +23,7 @@ from scipy import stats
 from sklearn.linear_model import RANSACRegressor
 from timing import best_of
 
-from wsss.analysis import Correlation, _ransac, correlate
+from wsss.analysis import Correlation, correlate, ransac_pearsons
 
 N_BOOT, SEEDS, SEED = 2000, 200, 0
 
@@ -99,7 +99,7 @@ def main() -> None:
         x, y = make_inputs(n)
         t_ours, ours = best_of(lambda: correlate(x, y, n_boot=N_BOOT, seed=SEED,
                                                  ransac_seeds=SEEDS), args.repeat)
-        t_ransac, _ = best_of(lambda: _ransac(x, y, SEEDS, None), 1)
+        t_ransac, _ = best_of(lambda: ransac_pearsons(x, y, SEEDS, None), 1)
         t_ref, ref = best_of(lambda: reference_correlate(x, y), 1)
         t_ref_ransac, _ = best_of(lambda: reference_ransac(x, y, SEEDS), 1)
         identical &= ours == ref

@@ -8,7 +8,7 @@ reduction factor 2), `search.max_concurrent=2` as in the product. Measured per s
 of all trials, counted in the chronological order they were reported, until a trial reaches the
 full number of epochs with an objective within 1% of the grid's best
 (``objective >= best - 0.01 * |best|``), as a fraction of the grid's total epochs
-(32 x `affinity.epochs`). Both sides run through the product's `tune.search.run_search`
+(32 x `refine.irn.epochs`). Both sides run through the product's `tune.search.run_search`
 (stage 1 only), each search in its own folder of one temporary runs root, so the user's MLflow
 store is untouched. Stage 0 (classifier, CAM and feature stores) is prepared once in
 `<repo>/runs/stores`, the default cache, which the temporary root's `stores` links to.
@@ -83,12 +83,12 @@ def main() -> None:
                     help="6 pairs instead of the paper grid, 2 epochs, 40 images, 2 seeds")
     ap.add_argument("--num-samples", type=int, default=32, help="TPE trials per seed")
     args = ap.parse_args()
-    common = ["affinity.epochs=2", "affinity.subset=40"] if args.quick else []
+    common = ["refine.irn.epochs=2", "trial.subset=40"] if args.quick else []
     grid = (["search.space=pairs", f"search.pairs={QUICK_PAIRS}"] if args.quick
             else ["search.space=paper"])
     seeds = range(2 if args.quick else 5)
     cfg = load_config("demo", [*common, *grid], base_dir=REPO)
-    epochs, n_pairs = cfg.affinity.epochs, len(grid_pairs(cfg.search.space, cfg.search.pairs))
+    epochs, n_pairs = cfg.refine.epochs, len(grid_pairs(cfg.search.space, cfg.search.pairs))
     grid_epochs = n_pairs * epochs
     grace, samples = min(cfg.search.grace_period, epochs), args.num_samples
     stage0(cfg)  # the default cache: built on the first run only

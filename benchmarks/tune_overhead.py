@@ -3,7 +3,7 @@
 Stage 1 runs every (BG, FG) trial under Ray Tune (`tune.search.run_stage1`): the product's
 trainable with an MLflow child run per trial on a real SQLite store, a checkpoint after every
 epoch, reused actors and Tune's experiment snapshots. The reference runs the same trials as a
-plain loop over `wsss.pipeline.run_trial` in a process pool with the same concurrency
+plain loop over `wsss.trial.run_trial` in a process pool with the same concurrency
 (`search.max_concurrent` = 2 worker processes) and the same torch threads per trial
 (`search.cpus_per_trial` = 1); each worker opens the memory-mapped stores once, as a reused Ray
 actor does. Both run the 8 fixed, non-degenerate pairs below with `configs/demo.yaml`'s
@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from tune.config import Config, load_config
-from wsss.affinity import AffinitySpec
 from wsss.data import DataSpec
 from wsss.objectives import driving_value
-from wsss.pipeline import Prepared, run_trial
+from wsss.refine import RefineSpec
+from wsss.stage0 import Prepared, TrialSpec
+from wsss.trial import Trial, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [(0.05, 0.30), (0.10, 0.20), (0.15, 0.40), (0.20, 0.45), (0.25, 0.35), (0.30, 0.55),
@@ -54,10 +55,10 @@ def _open_stores(data: DataSpec, cams: Path, features: Path, threads: int) -> No
     _prepared = Prepared.open(data, cams, features)
 
 
-def _final_objective(bg: float, fg: float, spec: AffinitySpec, objective: str,
+def _final_objective(bg: float, fg: float, specs: tuple[TrialSpec, RefineSpec], objective: str,
                      device: str) -> float:
     """The plain trial: every epoch of `run_trial`; the objective as the trainable reports it."""
-    *_, last = run_trial(bg, fg, _prepared, spec, device=device)
+    *_, last = run_trial(Trial(_prepared, *specs, bg, fg, device=device))
     return driving_value(last, objective)
 
 
@@ -68,7 +69,8 @@ def plain(cfg: Config, prepared: Prepared, pairs: list[Pair]) -> dict[Pair, floa
                              initializer=_open_stores,
                              initargs=(cfg.data, prepared.cams.path, prepared.features.path,
                                        threads)) as pool:
-        futures = {pair: pool.submit(_final_objective, *pair, cfg.affinity, cfg.search.objective,
+        futures = {pair: pool.submit(_final_objective, *pair, (cfg.trial, cfg.refine),
+                                     cfg.search.objective,
                                      cfg.runtime.device) for pair in pairs}
         return {pair: f.result() for pair, f in futures.items()}
 
@@ -90,8 +92,8 @@ def ray_tune(cfg: Config, prepared: Prepared) -> tuple[dict[Pair, float], dict[s
         table, _ = run_stage1(cfg, prepared, folder, uri, parent)
         times["stage1"] = time.perf_counter() - start
     tracking.finish(uri, parent)
-    if (table.training_iteration != cfg.affinity.epochs).any() or table.degenerate.any():
-        raise SystemExit(f"expected every trial to finish {cfg.affinity.epochs} epochs, none "
+    if (table.training_iteration != cfg.refine.epochs).any() or table.degenerate.any():
+        raise SystemExit(f"expected every trial to finish {cfg.refine.epochs} epochs, none "
                          f"degenerate:\n{table[['bg', 'fg', 'training_iteration', 'degenerate']]}")
     return {(r.bg, r.fg): r.objective for r in table.itertuples()}, times
 
@@ -104,14 +106,14 @@ def main() -> None:
     args = ap.parse_args()
     pairs = PAIRS[:2] if args.quick else PAIRS
     cfg = load_config("demo", [
-        *(["affinity.epochs=2", "affinity.subset=40"] if args.quick else []),
+        *(["refine.irn.epochs=2", "trial.subset=40"] if args.quick else []),
         "name=tune-overhead", "search.space=pairs", f"search.pairs={[list(p) for p in pairs]}",
         "search.scheduler=none", "search.stage2=false", "runtime.device=cpu"], base_dir=REPO)
     start = time.perf_counter()
     prepared = stage0(cfg)  # the default cache: built on the first run only
     print(f"stage 0 (untimed): {time.perf_counter() - start:.1f} s, cached in "
           f"{cfg.runtime.runs_root / 'stores'}")
-    print(f"{len(pairs)} pairs x {cfg.affinity.epochs} epochs on {len(prepared.features)} images; "
+    print(f"{len(pairs)} pairs x {cfg.refine.epochs} epochs on {len(prepared.features)} images; "
           f"{cfg.search.max_concurrent} workers x {max(1, int(cfg.search.cpus_per_trial))} torch "
           f"thread(s) each")
     start = time.perf_counter()

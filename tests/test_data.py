@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from wsss import synthetic
-from wsss.data import VOC_CLASSES, SegDataset, save_palette_png, voc_palette
+from wsss.data import VOC_CLASSES, SegDataset
 from wsss.errors import DataError
+from wsss.files import save_palette_png, voc_palette
 
 K = 5
 

@@ -16,8 +16,9 @@ from PIL import Image
 
 from tune.cli import main
 from wsss.cam import strided_size
-from wsss.data import SegDataset, save_palette_png
+from wsss.data import SegDataset
 from wsss.errors import DataError, UserError
+from wsss.files import save_palette_png
 from wsss.interop import evaluate_folder, import_cams
 from wsss.store import CamStore
 from wsss.synthetic import generate

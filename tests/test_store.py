@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from wsss.cam import cam_scores, strided_size
+from wsss.cam import strided_size
 from wsss.errors import UserError
+from wsss.regions import cam_scores
 from wsss.store import CamStore, RaggedStore
 
 

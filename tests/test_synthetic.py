@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from wsss import synthetic
-from wsss.data import SegDataset, voc_palette
+from wsss.data import SegDataset
 from wsss.errors import UserError
+from wsss.files import voc_palette
 
 N_TRAIN, N_VAL, SIZE, K = 12, 4, 48, 5
 

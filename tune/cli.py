@@ -212,8 +212,8 @@ def _prepare(args: argparse.Namespace, features: bool):
 
 def cmd_surface(args: argparse.Namespace) -> None:
     from tune.space import grid_pairs
+    from wsss.files import write_csv_atomic
     from wsss.stage0 import initial_surface
-    from wsss.store import write_csv_atomic
 
     start = time.perf_counter()
     cfg, prepared = _prepare(args, features=False)

@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
+from wsss.files import atomic_write_bytes
 
 log = logging.getLogger("tune")
 

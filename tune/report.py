@@ -32,10 +32,10 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from wsss.analysis import GROUND_TRUTH_PROXIES, RANSAC_MIN_POINTS, correlate, finished_pairs
-from wsss.data import IGNORE, atomic_write_bytes, voc_palette
+from wsss.data import IGNORE
 from wsss.errors import UserError
+from wsss.files import atomic_write_bytes, voc_palette, write_json_atomic
 from wsss.objectives import OBJECTIVES
-from wsss.store import write_json_atomic
 
 log = logging.getLogger("tune")
 GRID_MAX_BG = 15  # more distinct BG values than this: a sampled space, drawn as a BG-FG scatter

@@ -30,13 +30,12 @@ from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.space import DefineByRun, grid_pairs
 from tune.trainables import restored_trial, stage1, stage2, trial_context
 from wsss.analysis import GROUND_TRUTH_PROXIES, finished_pairs, pick_quality
-from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
+from wsss.files import atomic_write_bytes, write_csv_atomic, write_json_atomic
 from wsss.objectives import OBJECTIVES
 from wsss.pseudo_labels import export_labels
 from wsss.segmentation import build_model
 from wsss.stage0 import Prepared, digest
-from wsss.store import write_csv_atomic, write_json_atomic
 
 log = logging.getLogger("tune")
 GRID_SPACES = ("paper", "extended", "pairs")

@@ -137,7 +137,7 @@ GROUND_TRUTH_PROXIES = ("pqs_avg", "pqs_pseudo", "miou_pseudo")
 RANSAC_MIN_POINTS = 8
 
 
-def _ransac(
+def ransac_pearsons(
     x: np.ndarray, y: np.ndarray, seeds: int, residual_threshold: float | None
 ) -> tuple[list[float], list[int]]:
     """Pearson on the inliers of ``RANSACRegressor(random_state=s)`` (y on x), as the paper did,
@@ -199,7 +199,7 @@ def correlate(
     sr = _quiet(stats.spearmanr, xa, ya)
     kt = _quiet(stats.kendalltau, xa, ya)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    rs, counts = _ransac(xa, ya, ransac_seeds, residual_threshold)
+    rs, counts = ransac_pearsons(xa, ya, ransac_seeds, residual_threshold)
     if rs:
         r_med = float(np.median(rs))
         lo, hi = np.percentile(rs, [5, 95])

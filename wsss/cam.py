@@ -84,18 +84,3 @@ def extract_cams(model: CamClassifier, data: SegDataset, spec: CamSpec,
             present = data.labels(k) - 1
             yield cams[k - i][present].astype(np.float16)
         i = j
-
-
-def cam_scores(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Stored CAMs ``[K, h, w]`` -> float32 scores ``[K, H, W]`` in [0, 1] at image size.
-
-    Bilinear upsampling (``align_corners=False``) then division by each class's own maximum; a
-    class whose CAM is all zero stays zero.
-    """
-    t = torch.from_numpy(np.asarray(cam, dtype=np.float32))
-    if t.shape[0] == 0:
-        return np.zeros((0, *size), np.float32)
-    up = F.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0]
-    peak = up.amax(dim=(1, 2), keepdim=True)
-    up = torch.where(peak > 0, up / torch.where(peak > 0, peak, torch.ones_like(peak)), up)
-    return up.numpy()

@@ -23,24 +23,13 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from wsss.data import SegDataset, atomic_write_bytes
+from wsss.data import SegDataset
 from wsss.errors import UserError
+from wsss.files import atomic_write_bytes
 from wsss.spec import Spec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a user error. A
-    `torch.device` is already resolved and comes back as is."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("runtime.device is 'cuda' but no CUDA device is available")
-    return torch.device(device)
 
 
 def create_backbone(model: str, output_stride: int, weights: Path | None = None, *,

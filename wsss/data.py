@@ -8,13 +8,10 @@ bad dataset stops the pipeline at once with a message the user can act on, not d
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from PIL import Image
 from pydantic import Field
 
 from wsss.errors import DataError
+from wsss.files import atomic_write_bytes, open_image
 from wsss.spec import Spec
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -39,56 +37,6 @@ _INT_ENCODABLE = re.compile(r"\d+(_\d+)*")
 SYNTHETIC_MARKER = ".wsss-synthetic.json"  # parameters a generated root was made with
 
 
-def voc_palette() -> list[int]:
-    """The standard VOC colour map (768 ints), so our PNGs open in the usual VOC viewers/tools."""
-    return list(_voc_palette())
-
-
-@functools.cache
-def _voc_palette() -> tuple[int, ...]:
-    palette: list[int] = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return tuple(palette)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it: readers (and a resumed run
-    after a crash) never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_palette_png(path: str | Path, labels: np.ndarray) -> None:
-    """Save an HxW map of class ids (0..255) as a VOC palette PNG, atomically."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be a 2-D map of class ids, got shape {labels.shape}")
-    if labels.dtype != np.uint8:
-        if labels.size and (labels.min() < 0 or labels.max() > 255):
-            raise ValueError("labels must lie in 0..255 to fit a palette PNG")
-        labels = labels.astype(np.uint8)
-    image = Image.fromarray(np.ascontiguousarray(labels))  # mode "L"; putpalette makes it "P"
-    image.putpalette(_voc_palette())
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
@@ -100,18 +48,6 @@ def _split_id(line: str) -> str:
     if "/" in token or token.endswith(".jpg"):
         return Path(token).stem
     return token
-
-
-def _open_image(path: Path, what: str) -> Image.Image:
-    """Open and fully decode, so truncated or corrupt files fail here with the file's name."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
 def missing_files(directory: Path, ids: Sequence[str], ext: str) -> list[Path]:
@@ -239,7 +175,7 @@ class SegDataset:
 
     def image(self, i: int) -> np.ndarray:
         """uint8 HxWx3 RGB; grayscale/CMYK JPEGs (they exist in VOC) are converted."""
-        image = _open_image(self.image_path(i), "image")
+        image = open_image(self.image_path(i), "image")
         if image.mode != "RGB":
             image = image.convert("RGB")
         return np.array(image, dtype=np.uint8)
@@ -263,7 +199,7 @@ class SegDataset:
         """uint8 HxW class ids, 255 = ignore. Palette PNGs give their indices, grayscale PNGs
         their values, so `SegmentationClass` and `SegmentationClassAug` read alike."""
         path = self.mask_path(i)
-        labels = np.asarray(_open_image(path, "mask"))
+        labels = np.asarray(open_image(path, "mask"))
         if labels.ndim != 2:
             raise DataError(
                 f"mask {path} has shape {labels.shape} (a coloured image?); "

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from wsss.data import IGNORE, SegDataset, _open_image, missing_files
+from wsss.data import IGNORE, SegDataset, missing_files
 from wsss.errors import DataError, UserError
+from wsss.files import open_image
 from wsss.metrics import Protocol, confusion, iou_per_class, mean_iou
 from wsss.spec import Spec
 from wsss.store import CamStore
@@ -216,7 +217,7 @@ def evaluate_folder(pred_dir: str | Path, data: SegDataset,
     c = data.num_classes
     conf = np.zeros((c, c + 1), dtype=np.int64)
     for i, path in enumerate(paths):
-        pred = np.asarray(_open_image(path, "prediction"))
+        pred = np.asarray(open_image(path, "prediction"))
         if pred.ndim != 2:
             raise DataError(f"prediction {path} has shape {pred.shape} (a coloured image?); "
                             "expected a palette or grayscale PNG of class ids")

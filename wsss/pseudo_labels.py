@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsss.cam import cam_scores
-from wsss.data import save_palette_png
-from wsss.regions import confident_regions
+from wsss.files import save_palette_png
+from wsss.regions import cam_scores, confident_regions
 
 
 def pseudo_labels(refined: np.ndarray, keys: np.ndarray, image_size: tuple[int, int],

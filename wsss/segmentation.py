@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from wsss.classifier import IMAGENET_MEAN, normalise_images, resolve_device
-from wsss.data import IGNORE, SegDataset, atomic_write_bytes
+from wsss.classifier import IMAGENET_MEAN, normalise_images
+from wsss.data import IGNORE, SegDataset
+from wsss.devices import resolve_device
 from wsss.errors import UserError
+from wsss.files import atomic_write_bytes
 from wsss.metrics import confusion, mean_iou
 from wsss.spec import Spec
 

@@ -31,16 +31,17 @@ from wsss.classifier import (
     load_classifier,
     mean_average_precision,
     normalise_images,
-    resolve_device,
     save_classifier,
     train_classifier,
 )
 from wsss.data import DataSpec, SegDataset
+from wsss.devices import resolve_device
 from wsss.errors import UserError
+from wsss.files import write_json_atomic
 from wsss.interop import ImportSpec, import_cams
 from wsss.metrics import threshold_surface
 from wsss.spec import Spec
-from wsss.store import CamStore, FeatureStore, write_json_atomic
+from wsss.store import CamStore, FeatureStore
 
 log = logging.getLogger("wsss")
 
@@ -97,7 +98,7 @@ class Prepared:
         live = None
         if features:
             dev = resolve_device(device)
-            backbone, _, levels = _frozen_levels(trial, self.classifier_path, self.cams, dev)
+            backbone, _, levels = frozen_levels(trial, self.classifier_path, self.cams, dev)
             live = LiveFeatures(backbone, self.train, levels, dev)
         return replace(self, features=live, trial_ids=list(self.train.ids))
 
@@ -245,7 +246,7 @@ def _frozen_backbone(trial: TrialSpec, classifier_path: Path | None,
     return model.backbone, classifier_path.parent.name
 
 
-def _frozen_levels(trial: TrialSpec, classifier_path: Path | None, store: CamStore,
+def frozen_levels(trial: TrialSpec, classifier_path: Path | None, store: CamStore,
                    device: torch.device) -> tuple[torch.nn.Module, Any, list[int]]:
     """The frozen backbone, its cache key and the feature levels a refiner's head reads."""
     backbone, key = _frozen_backbone(trial, classifier_path, device)
@@ -310,7 +311,7 @@ def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root
     if trial is None or not features:
         return Prepared(train=train, val=val, classifier_path=clf_path, cams=store,
                         features=None, trial_ids=list(train.ids[:n]), stats=stats)
-    backbone, backbone_key, levels = _frozen_levels(trial, clf_path, store, dev)
+    backbone, backbone_key, levels = frozen_levels(trial, clf_path, store, dev)
     channels = [backbone.feature_info.channels()[j] for j in levels]
     f_manifest = {"kind": "features", "backbone": backbone_key, "dataset": fingerprint,
                   "split": "train", "n_images": n, "levels": levels, "channels": channels,

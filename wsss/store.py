@@ -17,24 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from wsss.cam import cam_scores
-from wsss.data import atomic_write_bytes
 from wsss.errors import UserError
+from wsss.files import write_json_atomic
+from wsss.regions import cam_scores
 
 STORE_VERSION = 1
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """JSON via temp file + rename, so a crash never leaves a truncated file."""
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
-def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """A DataFrame as CSV via temp file + rename (creating the folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, frame.to_csv(index=False).encode())
 
 
 class RaggedStore:

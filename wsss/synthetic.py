@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsss.data import atomic_write_bytes, save_palette_png
 from wsss.errors import UserError
+from wsss.files import atomic_write_bytes, save_palette_png
 
 _ShapeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss.classifier import resolve_device
+from wsss.devices import resolve_device
 from wsss.metrics import confusion, region_metrics, transition_counts
 from wsss.objectives import all_objectives
 from wsss.pseudo_labels import pseudo_labels

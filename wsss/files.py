@@ -1,0 +1,94 @@
+"""Files written and read safely: atomic writes (temp file + rename), VOC palette PNGs, images.
+
+Every module that writes an output goes through here, so no reader (nor a resumed run after a
+crash) ever sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from wsss.errors import DataError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it: readers (and a resumed run
+    after a crash) never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """JSON via temp file + rename, so a crash never leaves a truncated file."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """A DataFrame as CSV via temp file + rename (creating the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, frame.to_csv(index=False).encode())
+
+
+def voc_palette() -> list[int]:
+    """The standard VOC colour map (768 ints), so our PNGs open in the usual VOC viewers/tools."""
+    return list(_voc_palette())
+
+
+@functools.cache
+def _voc_palette() -> tuple[int, ...]:
+    palette: list[int] = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        palette += [r, g, b]
+    return tuple(palette)
+
+
+def save_palette_png(path: str | Path, labels: np.ndarray) -> None:
+    """Save an HxW map of class ids (0..255) as a VOC palette PNG, atomically."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D map of class ids, got shape {labels.shape}")
+    if labels.dtype != np.uint8:
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise ValueError("labels must lie in 0..255 to fit a palette PNG")
+        labels = labels.astype(np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(labels))  # mode "L"; putpalette makes it "P"
+    image.putpalette(_voc_palette())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def open_image(path: Path, what: str) -> Image.Image:
+    """Open and fully decode, so truncated or corrupt files fail here with the file's name."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None
