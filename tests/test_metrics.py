@@ -3,11 +3,14 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsss.errors import UserError
 from wsss.metrics import (
+    COUNTS,
+    Transitions,
     confusion,
     iou_per_class,
     mean_iou,
@@ -113,32 +116,35 @@ def test_tecm_hand_computed_and_edge_rules():
 def test_transition_counts_and_aggregations():
     initial = np.array([[255, 255, 0], [1, 255, 255]], np.uint8)
     refined = np.array([[0, 2, 0], [1, 255, 1]], np.uint8)
-    assert transition_counts(initial, refined) == {
+    counts = transition_counts(initial, refined)
+    assert dict(zip(COUNTS, counts.tolist())) == {
         "n_pixels": 6, "neutral_initial": 4, "neutral_refined": 1, "n_to_b": 1, "n_to_f": 2}
-    a = dict(n_pixels=10, neutral_initial=4, neutral_refined=2, n_to_b=1, n_to_f=1)  # 1.5
-    b = dict(n_pixels=10, neutral_initial=2, neutral_refined=2, n_to_b=0, n_to_f=0)  # 0
-    c = dict(n_pixels=10, neutral_initial=0, neutral_refined=0, n_to_b=0, n_to_f=0)  # excluded
-    value, degenerate = tecm_aggregate([a, b, c])
+    on_torch = transition_counts(torch.from_numpy(initial), torch.from_numpy(refined))
+    assert isinstance(on_torch, torch.Tensor) and on_torch.tolist() == counts.tolist()
+    a, b, c = [10, 4, 2, 1, 1], [10, 2, 2, 0, 0], [10, 0, 0, 0, 0]  # TECM 1.5, 0, excluded
+    t = lambda *rows: Transitions(np.array(rows), np.zeros((2, 3), np.int64))  # noqa: E731
+    value, degenerate = tecm_aggregate(t(a, b, c))
     assert value == pytest.approx((1 + 0.2 / (0.4 + 1e-6)) / 2) and not degenerate
-    value, degenerate = tecm_aggregate([a, b, c], "pooled")
+    value, degenerate = tecm_aggregate(t(a, b, c), "pooled")
     assert value == pytest.approx(1 + (0.2 - 4 / 30) / (0.2 + 1e-6)) and not degenerate
-    assert tecm_aggregate([c, c]) == (1.0, True)
-    assert tecm_aggregate([c], "pooled") == (1.0, True)
+    assert tecm_aggregate(t(c, c)) == (1.0, True)
+    assert tecm_aggregate(t(c), "pooled") == (1.0, True)
 
 
 def test_self_pqs_is_pqs_with_the_initial_regions_as_ground_truth():
     rng = np.random.default_rng(0)
     initial = [rng.choice(np.array([0, 1, 2, 255], np.uint8), (8, 9)) for _ in range(3)]
     refined = [rng.choice(np.array([0, 1, 2, 255], np.uint8), (8, 9)) for _ in range(3)]
-    counts = [transition_counts(i, r, 3) for i, r in zip(initial, refined)]
+    counts = Transitions.of(zip(initial, refined), 3)
     conf = sum(confusion(r, i, 3) for i, r in zip(initial, refined))
+    np.testing.assert_array_equal(counts.agreement, conf)
     # region_metrics' PQS with the initial regions as GT, but NPR over all pixels of the images
     expected = region_metrics(conf, 3 * 72, sum(int((r == 255).sum()) for r in refined))["pqs"]
     assert self_pqs(counts) == pytest.approx(expected) and 0 < expected < 1
-    same = [transition_counts(i, i, 3) for i in initial]  # refinement changed nothing
+    same = Transitions.of(zip(initial, initial), 3)  # refinement changed nothing
     assert self_pqs(same) == pytest.approx(1 - sum(int((i == 255).sum()) for i in initial) / 216)
-    assert self_pqs([transition_counts(np.full((2, 2), 255, np.uint8),
-                                       np.full((2, 2), 255, np.uint8), 3)]) == 0.0
+    neutral = np.full((2, 2), 255, np.uint8)
+    assert self_pqs(Transitions.of([(neutral, neutral)], 3)) == 0.0
 
 
 # ---- property tests -------------------------------------------------------------------------
@@ -203,16 +209,13 @@ def test_tecm_in_range(npr_i, npr_r, b, f):
 def test_objective_registry():
     from wsss.objectives import OBJECTIVES, all_objectives, check_objective, register
 
-    agree = np.array([[3, 0, 1], [1, 2, 1]])  # [C, C + 1], C = 2
-    a = dict(n_pixels=10, neutral_initial=4, neutral_refined=2, n_to_b=1, n_to_f=1,
-             agreement=agree)
-    b = dict(n_pixels=10, neutral_initial=2, neutral_refined=2, n_to_b=0, n_to_f=0,
-             agreement=agree)
-    values = all_objectives([a, b])
+    agree = np.array([[6, 0, 2], [2, 4, 2]])  # [C, C + 1], C = 2, pooled over both images
+    t = Transitions(np.array([[10, 4, 2, 1, 1], [10, 2, 2, 0, 0]]), agree)
+    values = all_objectives(t)
     assert set(values) >= {"tecm", "tecm_pooled", "spqs"}
     assert values["spqs"] == pytest.approx((6 / 8 + 4 / 6) / 2 * (1 - 4 / 20))
-    assert values["tecm"] == tecm_aggregate([a, b])[0]
-    assert values["tecm_pooled"] == tecm_aggregate([a, b], "pooled")[0]
+    assert values["tecm"] == tecm_aggregate(t)[0]
+    assert values["tecm_pooled"] == tecm_aggregate(t, "pooled")[0]
     assert check_objective("tecm") == "tecm"
     with pytest.raises(UserError, match="search.objective 'pqs'"):
         check_objective("pqs")

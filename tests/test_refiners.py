@@ -14,6 +14,7 @@ from wsss.random_walk import half_plane_offsets
 from wsss.refine import REFINERS, RefineSpec
 from wsss.refine.crf import crf_unary
 from wsss.refine.psa import feature_affinity
+from wsss.regions import host
 from wsss.trial import run_trial
 
 
@@ -83,7 +84,7 @@ def test_crf_trial_reports_once_and_keeps_confident_pixels(ci_config, ci_prepare
     assert m["epoch"] == 1 and "affinity_loss" not in m and trial.reports == 1
     assert m["npr_pseudo"] < m["npr_initial"] and 0 < m["pqs_pseudo"] < 1
     labels = dict(trial.pseudo_labels(only=range(10)))
-    kept = [np.mean(labels[trial.images.ids[k]][(r := trial.images.initial(k)) != 255]
+    kept = [np.mean(labels[trial.images.ids[k]][(r := host(trial.images.initial(k))) != 255]
                     == r[r != 255]) for k in range(10)]
     assert np.mean(kept) > 0.9  # confident pixels mostly keep their label
 
@@ -128,3 +129,20 @@ def test_search_with_each_refiner(method, ci_config, ci_prepared, tmp_path, caps
         assert "crf does not train: one report per trial" in printed
     s2 = pd.read_csv(runs / method / "stage2.csv")
     assert len(s2) == 1 and 0 < s2.val_miou.iloc[0] < 1
+
+
+def test_a_missing_crf_package_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    """Without the [crf] extra, a crf trial or search stops with one line naming the key,
+    before stage 0 generates, trains or writes anything."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)  # import fails as when not installed
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    monkeypatch.chdir(tmp_path)
+    for command in (["trial", "--bg", "0.2", "--fg", "0.45"], ["search"]):
+        assert main([*command, "--config", "ci", "--set", "refine.method=crf"]) == 2
+        assert "refine.method crf needs the optional dense CRF package" in capsys.readouterr().err
+    assert main(["trial", "--bg", "0.2", "--fg", "0.45", "--config", "ci",
+                 "--set", "refine.irn.crf=true"]) == 2
+    assert "refine.irn.crf needs" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()

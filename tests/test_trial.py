@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import make_trial, refine_spec
 
+from wsss.regions import confident_regions
 from wsss.trial import Trial, run_trial
 
 pytestmark = pytest.mark.slow
@@ -138,3 +139,49 @@ def test_train_split_without_masks_gives_the_weakly_supervised_metrics(ci_config
     assert all(blind[k] == seen[k] for k in blind)
     with pytest.raises(UserError, match="the train split has no masks"):
         initial_surface(prepared, [(0.1, 0.3)])
+
+
+def test_batched_device_trial_matches_the_per_image_host_loop(ci_config, ci_prepared):
+    """The trial refines a batch in one walk and counts on its device; the loop it replaced
+    walked one image at a time (`propagate`) and counted in numpy on the host. On CPU both give
+    the same pseudo-labels and metrics, up to float rounding at threshold borders."""
+    import torch
+
+    from wsss.metrics import region_metrics
+    from wsss.pseudo_labels import pseudo_labels
+    from wsss.random_walk import propagate
+
+    trial = make_trial(ci_config, ci_prepared, 0.2, 0.45, epochs=1)
+    trial.step()
+    got, ours = trial.evaluate(), dict(trial.pseudo_labels())
+    spec, store, train = ci_config.refine.irn, ci_prepared.cams, ci_prepared.train
+    c = train.num_classes
+    conf_i, conf_p = np.zeros((c, c + 1), np.int64), np.zeros((c, c + 1), np.int64)
+    neutral_i = neutral_p = pixels = 0
+    same = 0
+    for k, image_id in enumerate(trial.images.ids):
+        j = store.position(image_id)
+        with torch.no_grad():
+            edge = torch.sigmoid(trial.refiner.head(trial.images.features([k]),
+                                                    trial.images.grid(k)))[0]
+        cams = torch.from_numpy(np.asarray(store[j], np.float32))
+        refined = cams if not len(store.keys(j)) else propagate(
+            cams, edge, radius=spec.walk_radius, beta=spec.beta, steps=spec.steps)
+        pseudo = pseudo_labels(refined.numpy(), store.keys(j), store.image_size(j), 0.2, 0.45)
+        initial = confident_regions(store.scores(j), store.keys(j), 0.2, 0.45)
+        gt = train.mask(train.ids.index(image_id))
+        for conf, pred in ((conf_i, initial), (conf_p, pseudo)):
+            valid = gt != 255
+            p = np.where(pred == 255, c, pred).astype(np.int64)[valid]
+            conf += np.bincount(gt[valid].astype(np.int64) * (c + 1) + p,
+                                minlength=c * (c + 1)).reshape(c, c + 1)
+        neutral_i += int((initial == 255).sum())
+        neutral_p += int((pseudo == 255).sum())
+        pixels += initial.size
+        same += int((pseudo == ours[image_id]).sum())
+    assert same / pixels > 0.9999
+    want_i, want_p = region_metrics(conf_i, pixels, neutral_i), region_metrics(conf_p, pixels,
+                                                                              neutral_p)
+    assert got["pqs_initial"] == pytest.approx(want_i["pqs"], abs=1e-12)
+    assert got["pqs_pseudo"] == pytest.approx(want_p["pqs"], abs=1e-4)
+    assert got["npr_pseudo"] == pytest.approx(want_p["npr"], abs=1e-4)

@@ -199,12 +199,15 @@ def format_surface(surface: pd.DataFrame) -> str:
 
 
 def _prepare(args: argparse.Namespace, features: bool):
-    """Load the config and run stage 0 (cached): the shared start of surface and trial."""
+    """Load the config and run stage 0 (cached): the shared start of surface and trial
+    (``features``: the trial's, whose refiner's optional packages are checked first)."""
     import torch
 
     from tune.config import load_config, stage0
 
     cfg = load_config(args.config, args.overrides)
+    if features:
+        cfg.refine.check_available()
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     return cfg, stage0(cfg, features)

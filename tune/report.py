@@ -36,6 +36,7 @@ from wsss.data import IGNORE
 from wsss.errors import UserError
 from wsss.files import atomic_write_bytes, voc_palette, write_json_atomic
 from wsss.objectives import OBJECTIVES
+from wsss.regions import host
 
 log = logging.getLogger("tune")
 GRID_MAX_BG = 15  # more distinct BG values than this: a sampled space, drawn as a BG-FG scatter
@@ -675,12 +676,13 @@ def sample_maps(ev: Evidence, samples: int) -> dict[str, Any]:
             chosen = [k for k in range(len(ids)) if len(trial.images.keys(k))][:samples]
             first = trial
         pseudo = dict(trial.pseudo_labels(only=chosen))
-        columns.append(((bg, fg), [trial.images.initial_and_truth(k)[0] for k in chosen],
+        columns.append(((bg, fg), [host(trial.images.initial_and_truth(k)[0]) for k in chosen],
                         [pseudo[ids[k]] for k in chosen]))
     if first is None:
         raise UserError("no promoted candidate")
     images = [first.images.image(k) for k in chosen]
     truths = [first.images.initial_and_truth(k)[1] for k in chosen]
+    truths = [None if t is None else host(t) for t in truths]
     return {"ids": [ids[k] for k in chosen], "images": images,
             "truths": None if any(t is None for t in truths) else truths, "columns": columns,
             "class_names": list(prepared.train.class_names)}

@@ -433,6 +433,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
     if (cluster_address := cluster.resolve_address(address)) is not None:
         cluster.connect(cluster_address)  # a wrong address or token fails now, not after stage 0
         ray.shutdown()
+    cfg.refine.check_available()  # a missing optional package fails now, not in every trial
     folder = search_folder(cfg)
     state = load_state(folder) if resume else begin_search(cfg, folder, tracking_uri)
     uri, parent = state["tracking_uri"], state["parent_run_id"]

@@ -10,12 +10,14 @@ same counts serve the non-neutral mIoU, the standard mIoU and both reference eva
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 
-from wsss.regions import NEUTRAL, check_pair, max_and_argmax
+from wsss.regions import NEUTRAL, Array, as_tensor, check_pair, host, like, max_and_argmax
 
 Protocol = Literal["standard", "puzzlecam", "irn"]
 Aggregation = Literal["image_mean", "pooled"]
@@ -33,20 +35,24 @@ def _gt_index(gt: np.ndarray, num_classes: int) -> np.ndarray:
     return g
 
 
-def confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
-    """``[C, C + 1]`` int64 counts of (GT class, predicted class or neutral); GT 255 ignored."""
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
-    valid = gt != NEUTRAL
-    p = pred[valid].astype(np.int64)
-    p[p == NEUTRAL] = num_classes
-    if p.size and (p.min() < 0 or p.max() > num_classes):
-        raise ValueError(f"predicted id outside 0..{num_classes - 1} (and 255)")
-    g = gt[valid].astype(np.int64)
-    if g.size and g.max() >= num_classes:
-        raise ValueError(f"ground-truth id {int(g.max())} outside 0..{num_classes - 1} (and 255)")
-    n = num_classes + 1
-    return np.bincount(g * n + p, minlength=num_classes * n).reshape(num_classes, n)
+def confusion(pred: Array, gt: Array, num_classes: int, *, validate: bool = True) -> Array:
+    """``[C, C + 1]`` int64 counts of (GT class, predicted class or neutral); GT 255 ignored.
+    numpy in, numpy out; tensors in, a tensor on their device out (one bincount there).
+    ``validate=False`` skips the range check (a host sync on a GPU) for ids the caller made."""
+    p, g = as_tensor(pred), as_tensor(gt)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {tuple(p.shape)} and ground truth {tuple(g.shape)} differ "
+                         f"in shape")
+    c, n = num_classes, num_classes + 1
+    p, g = p.reshape(-1).long(), g.reshape(-1).long()
+    valid = g != NEUTRAL
+    p = torch.where(p == NEUTRAL, c, p)
+    if validate and bool(((p < 0) | (p > c) | (g >= c)).logical_and(valid).any()):
+        bad_p = bool(((p < 0) | (p > c)).logical_and(valid).any())
+        raise ValueError("predicted id outside 0..{} (and 255)".format(c - 1) if bad_p else
+                         f"ground-truth id outside 0..{c - 1} (and 255)")
+    codes = torch.where(valid, g * n + p, c * n)  # ignored pixels go to one extra bin
+    return like(torch.bincount(codes, minlength=c * n + 1)[:c * n].reshape(c, n), gt)
 
 
 def iou_per_class(conf: np.ndarray, protocol: Protocol = "standard") -> np.ndarray:
@@ -177,36 +183,55 @@ def threshold_surface(
     return pd.DataFrame(rows)
 
 
-def transition_counts(initial: np.ndarray, refined: np.ndarray,
-                      num_classes: int | None = None) -> dict[str, Any]:
-    """Pixel counts the weakly supervised objectives need from one image's initial regions and
-    refined pseudo-labels; with ``num_classes``, also ``agreement``: the ``[C, C + 1]`` confusion
-    of the pseudo-labels against the initial regions on the initially confident pixels."""
-    was_neutral = initial == NEUTRAL
-    counts: dict[str, Any] = {
-        "n_pixels": int(initial.size),
-        "neutral_initial": int(was_neutral.sum()),
-        "neutral_refined": int((refined == NEUTRAL).sum()),
-        "n_to_b": int((was_neutral & (refined == 0)).sum()),
-        "n_to_f": int((was_neutral & (refined != 0) & (refined != NEUTRAL)).sum()),
-    }
-    if num_classes is not None:
-        counts["agreement"] = confusion(refined, initial, num_classes)
-    return counts
+COUNTS = ("n_pixels", "neutral_initial", "neutral_refined", "n_to_b", "n_to_f")
+"""The per-image counts the weakly supervised objectives need, in `transition_counts` order."""
 
 
-def self_pqs(counts: Sequence[dict[str, Any]]) -> float:
+def transition_counts(initial: Array, refined: Array) -> Array:
+    """One image's `COUNTS` (int64 ``[5]``) from its initial regions and refined pseudo-labels:
+    pixels, neutral before and after, neutral turned background, neutral turned foreground."""
+    i, r = as_tensor(initial), as_tensor(refined)
+    was_neutral = i == NEUTRAL
+    labelled = r != NEUTRAL
+    out = torch.stack([
+        torch.tensor(i.numel(), device=i.device), was_neutral.sum(), (~labelled).sum(),
+        (was_neutral & (r == 0)).sum(), (was_neutral & labelled & (r != 0)).sum()])
+    return like(out.long(), initial)
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """A trial's transition counts: `COUNTS` per image (rows) and, pooled over the images, the
+    ``[C, C + 1]`` confusion of the pseudo-labels against the initial regions (``agreement``,
+    rows the initial label; neutral initial pixels are ignored)."""
+
+    per_image: np.ndarray
+    agreement: np.ndarray
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """One of `COUNTS` for every image (float64, for ratios)."""
+        return self.per_image[:, COUNTS.index(name)].astype(np.float64)
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[Array, Array]], num_classes: int) -> Transitions:
+        """From (initial regions, pseudo-labels) of each image, numpy or tensors."""
+        rows, agreement = [], np.zeros((num_classes, num_classes + 1), np.int64)
+        for initial, refined in pairs:
+            rows.append(host(transition_counts(initial, refined)))
+            agreement += host(confusion(refined, initial, num_classes))
+        return cls(np.array(rows, np.int64).reshape(-1, len(COUNTS)), agreement)
+
+
+def self_pqs(t: Transitions) -> float:
     """PQS of the pseudo-labels with the initial confident regions standing in for the ground
     truth: the mIoU of pseudo-labels against initial regions on pixels confident in both, times
     the pseudo-labels' confident share ``1 - NPR``. It keeps PQS's trade-off (accuracy against
-    data kept) without labels. Needs counts made with ``num_classes``."""
-    conf = sum(c["agreement"] for c in counts)
-    pixels = sum(c["n_pixels"] for c in counts)
-    neutral = sum(c["neutral_refined"] for c in counts)
+    data kept) without labels."""
+    pixels, neutral = t["n_pixels"].sum(), t["neutral_refined"].sum()
     if not pixels or neutral == pixels:
         return 0.0
-    both = np.zeros_like(conf)
-    both[:, :-1] = conf[:, :-1]
+    both = np.zeros_like(t.agreement)
+    both[:, :-1] = t.agreement[:, :-1]
     miou = mean_iou(both)
     return 0.0 if miou != miou else float(miou * (1.0 - neutral / pixels))
 
@@ -229,16 +254,14 @@ def tecm(npr_i, npr_r, n_to_b, n_to_f, eps: float = 1e-6):
     return float(out) if out.ndim == 0 else out
 
 
-def tecm_aggregate(counts: Sequence[dict[str, int]],
-                   how: Aggregation = "image_mean") -> tuple[float, bool]:
-    """TECM over a set of images from their `transition_counts`; returns (value, degenerate).
+def tecm_aggregate(t: Transitions, how: Aggregation = "image_mean") -> tuple[float, bool]:
+    """TECM over a set of images from their transition counts; returns (value, degenerate).
 
     ``image_mean`` (default): TECM per image, averaged over the images that have neutral pixels.
     ``pooled``: counts summed over the images first, then Eq. 4 once. Either way a set without
     any neutral pixel is degenerate and scores 1.
     """
-    arr = {k: np.array([c[k] for c in counts], dtype=np.float64)
-           for k in ("n_pixels", "neutral_initial", "neutral_refined", "n_to_b", "n_to_f")}
+    arr = {k: t[k] for k in COUNTS}
     if how == "pooled":
         arr = {k: v.sum(keepdims=True) for k, v in arr.items()}
     elif how != "image_mean":

@@ -1,24 +1,23 @@
 """Registry of weakly supervised objectives: what a search maximises, computed without GT.
 
-An objective maps a trial's per-image `wsss.metrics.transition_counts` to one number (higher is
-better). Every registered objective is computed and logged for every trial; the config names the
-one that drives the search, so adding a candidate objective is one `register` call and every past
+An objective maps a trial's `wsss.metrics.Transitions` (per-image transition counts and the
+pooled agreement of pseudo-labels with initial regions) to one number (higher is better). Every
+registered objective is computed and logged for every trial; the config names the one that drives
+the search, so adding a candidate objective is one `register` call and every past
 search can be re-ranked by it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 from wsss.errors import UserError
-from wsss.metrics import self_pqs, tecm_aggregate
+from wsss.metrics import Transitions, self_pqs, tecm_aggregate
 
-Counts = Sequence[dict[str, Any]]
-OBJECTIVES: dict[str, Callable[[Counts], float]] = {}
+OBJECTIVES: dict[str, Callable[[Transitions], float]] = {}
 
 
-def register(name: str, fn: Callable[[Counts], float]) -> None:
+def register(name: str, fn: Callable[[Transitions], float]) -> None:
     """Add an objective; names are metric names too, so they must be unique."""
     if name in OBJECTIVES:
         raise ValueError(f"objective {name!r} is already registered")
@@ -39,11 +38,11 @@ def driving_value(metrics: dict[str, float], name: str) -> float:
     return 0.0 if metrics["degenerate"] else metrics[name]
 
 
-def all_objectives(counts: Counts) -> dict[str, float]:
-    """Every registered objective on one trial's per-image counts."""
-    return {name: fn(counts) for name, fn in OBJECTIVES.items()}
+def all_objectives(t: Transitions) -> dict[str, float]:
+    """Every registered objective on one trial's transition counts."""
+    return {name: fn(t) for name, fn in OBJECTIVES.items()}
 
 
-register("tecm", lambda counts: tecm_aggregate(counts, "image_mean")[0])
-register("tecm_pooled", lambda counts: tecm_aggregate(counts, "pooled")[0])
+register("tecm", lambda t: tecm_aggregate(t, "image_mean")[0])
+register("tecm_pooled", lambda t: tecm_aggregate(t, "pooled")[0])
 register("spqs", self_pqs)

@@ -34,35 +34,59 @@ def check_pair(bg: float, fg: float, *, where: str = "") -> tuple[float, float]:
     return float(bg), float(fg)
 
 
-def max_and_argmax(scores: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+Array = np.ndarray | torch.Tensor
+
+
+def as_tensor(x: Array) -> torch.Tensor:
+    """A numpy array as a tensor sharing its memory (a tensor as is): the functions here take
+    either, compute in torch on the input's device, and give back what they were given."""
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def like(out: torch.Tensor, given: Array) -> Array:
+    """``out`` in the kind of array the caller passed (numpy in, numpy out)."""
+    return out if isinstance(given, torch.Tensor) else host(out)
+
+
+def host(x: Array) -> np.ndarray:
+    """Any array as a numpy array on the host."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _max_and_argmax(s: torch.Tensor, keys: Array) -> tuple[torch.Tensor, torch.Tensor]:
+    k = torch.as_tensor(np.asarray(keys, dtype=np.int64) if not isinstance(keys, torch.Tensor)
+                        else keys, dtype=torch.int64, device=s.device)
+    if s.ndim != 3 or s.shape[0] != k.shape[0]:
+        raise ValueError(f"scores {tuple(s.shape)} do not match keys {tuple(k.shape)}")
+    if k.numel() == 0:
+        zeros = torch.zeros(s.shape[1:], dtype=torch.float32, device=s.device)
+        return zeros, zeros.long()
+    if k.numel() == 1:
+        return s[0].float(), k[0].expand(s.shape[1:])
+    order = torch.argsort(k, stable=True)
+    f = s[order].float()
+    idx = f.argmax(0)  # first maximum = lowest class id, since keys are now ascending
+    return f.amax(0), k[order][idx]
+
+
+def max_and_argmax(scores: Array, keys: Array) -> tuple[Array, Array]:
     """Per-pixel max score (float32) and its class id; ties go to the lowest class id.
 
     ``scores`` is ``[K, H, W]`` (any float dtype) for the class ids ``keys`` (1-based); an image
     with no present class (K = 0) scores 0 everywhere, so it is all background.
     """
-    keys = np.asarray(keys, dtype=np.int64)
-    if scores.ndim != 3 or scores.shape[0] != keys.shape[0]:
-        raise ValueError(f"scores {scores.shape} do not match keys {keys.shape}")
-    if keys.size == 0:
-        shape = scores.shape[1:]
-        return np.zeros(shape, np.float32), np.zeros(shape, np.int64)
-    if keys.size == 1:
-        return scores[0].astype(np.float32), np.full(scores.shape[1:], keys[0], np.int64)
-    order = np.argsort(keys, kind="stable")
-    s = scores[order].astype(np.float32, copy=False)
-    idx = s.argmax(axis=0)  # first maximum = lowest class id, since keys are now ascending
-    return s.max(axis=0), keys[order][idx]
+    m, cls = _max_and_argmax(as_tensor(scores), keys)
+    return like(m, scores), like(cls.contiguous(), scores)
 
 
-def confident_regions(scores: np.ndarray, keys: np.ndarray, bg: float, fg: float) -> np.ndarray:
+def confident_regions(scores: Array, keys: Array, bg: float, fg: float) -> Array:
     """uint8 label map: 0 background, class id where confident foreground, 255 neutral."""
     bg, fg = check_pair(bg, fg)
-    m, cls = max_and_argmax(scores, keys)
-    out = np.full(m.shape, NEUTRAL, dtype=np.uint8)
-    fg_mask = m >= np.float32(fg)
-    out[fg_mask] = cls[fg_mask]
-    out[m <= np.float32(bg)] = 0
-    return out
+    m, cls = _max_and_argmax(as_tensor(scores), keys)
+    out = torch.where(m >= torch.tensor(fg, dtype=torch.float32), cls,
+                      torch.full_like(cls, NEUTRAL))
+    out = torch.where(m <= torch.tensor(bg, dtype=torch.float32), torch.zeros_like(out), out)
+    return like(out.to(torch.uint8), scores)
 
 
 def dense_crf(where: str):
@@ -111,16 +135,16 @@ def crf_regions(image: np.ndarray, scores: np.ndarray, keys: np.ndarray, bg: flo
     return out
 
 
-def cam_scores(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def cam_scores(cam: Array, size: tuple[int, int]) -> Array:
     """Stored CAMs ``[K, h, w]`` -> float32 scores ``[K, H, W]`` in [0, 1] at image size.
 
     Bilinear upsampling (``align_corners=False``) then division by each class's own maximum; a
     class whose CAM is all zero stays zero.
     """
-    t = torch.from_numpy(np.asarray(cam, dtype=np.float32))
+    t = as_tensor(cam).float()
     if t.shape[0] == 0:
-        return np.zeros((0, *size), np.float32)
-    up = F.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0]
+        return like(t.new_zeros((0, *size)), cam)
+    up = F.interpolate(t[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
     peak = up.amax(dim=(1, 2), keepdim=True)
     up = torch.where(peak > 0, up / torch.where(peak > 0, peak, torch.ones_like(peak)), up)
-    return up.numpy()
+    return like(up, cam)

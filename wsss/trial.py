@@ -9,6 +9,7 @@ seed on CPU.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 
 from wsss.devices import resolve_device
-from wsss.metrics import confusion, region_metrics, transition_counts
+from wsss.metrics import COUNTS, Transitions, confusion, region_metrics, transition_counts
 from wsss.objectives import all_objectives
 from wsss.pseudo_labels import pseudo_labels
 from wsss.refine import RefineSpec, TrialImages, create_refiner
+from wsss.regions import host
 from wsss.stage0 import Prepared, TrialSpec
+
+log = logging.getLogger("wsss")
 
 
 class Trial:
@@ -43,46 +47,60 @@ class Trial:
         if self.refiner.epochs:
             loss = {"affinity_loss": self.refiner.train_epoch(self.epoch)}
         self.epoch += 1
-        return {"epoch": self.epoch, **loss, **self.evaluate()}
+        metrics = {"epoch": self.epoch, **loss, **self.evaluate()}
+        if self.epoch == 1 and self.images.device.type == "cuda" and self.refiner.epochs:
+            kept = len(self.images.resident_features)
+            log.info("trial (%g, %g): frozen features of %d of %d images resident on %s%s",
+                     self.bg, self.fg, kept, len(self.images), self.images.device,
+                     "" if kept == len(self.images) else "; the rest copied from pinned memory")
+        return metrics
 
-    def _refined(self, only: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (trial image, pseudo-labels at image resolution) for every trial image, or for
-        the trial images ``only`` (a report's few samples need not refine the whole subset)."""
+    def _refined(self, only: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (trial image, pseudo-labels at image resolution, on the device) for every
+        trial image, or for the trial images ``only`` (a report's few samples need not refine
+        the whole subset)."""
         images = self.images
         chosen = range(len(images)) if only is None else [int(k) for k in only]
         for batch in images.batches(chosen, self.batch_size):
             for k, refined in zip(batch, self.refiner.refine(batch), strict=True):
-                yield k, pseudo_labels(refined.cpu().numpy(), images.keys(k),
+                yield k, pseudo_labels(refined.to(images.device), images.keys(k),
                                        images.image_size(k), self.bg, self.fg)
 
     def evaluate(self) -> dict[str, float]:
         """The trial's metrics (names as in docs/definitions.md) over its images, pooled where
-        pooled; those that need ground truth only where the train split has masks."""
-        train = self.images.prepared.train
+        pooled; those that need ground truth only where the train split has masks. Counted on
+        the trial's device; the totals cross to the host once."""
+        train, device = self.images.prepared.train, self.images.device
         c = train.num_classes
         first = self._conf_initial is None  # the initial regions' confusion never changes
-        conf_i = np.zeros((c, c + 1), np.int64)
-        conf_p = np.zeros_like(conf_i)
-        counts = []
+        zeros = torch.zeros((c, c + 1), dtype=torch.int64, device=device)
+        agreement, conf_i, conf_p = zeros.clone(), zeros.clone(), zeros.clone()
+        rows = []
         for k, pseudo in self._refined():
             initial, gt = self.images.initial_and_truth(k)
+            rows.append(transition_counts(initial, pseudo))
+            agreement += confusion(pseudo, initial, c, validate=False)
             if gt is not None:
                 if first:
-                    conf_i += confusion(initial, gt, c)
-                conf_p += confusion(pseudo, gt, c)
-            counts.append(transition_counts(initial, pseudo, c))
+                    conf_i += confusion(initial, gt, c, validate=False)
+                conf_p += confusion(pseudo, gt, c, validate=False)
+        per_image = torch.stack(rows)
+        totals = host(torch.cat([per_image.reshape(-1), agreement.reshape(-1),
+                                 conf_i.reshape(-1), conf_p.reshape(-1)]))
+        n = per_image.numel()
+        per_image, rest = totals[:n].reshape(-1, len(COUNTS)), totals[n:].reshape(3, c, c + 1)
         if first:
-            self._conf_initial = conf_i
-        conf_i = self._conf_initial
-        pixels = sum(x["n_pixels"] for x in counts)
-        degenerate = not any(x["neutral_initial"] for x in counts)
-        initial = region_metrics(conf_i, pixels, sum(x["neutral_initial"] for x in counts))
-        pseudo = region_metrics(conf_p, pixels, sum(x["neutral_refined"] for x in counts))
+            self._conf_initial = rest[1]
+        t = Transitions(per_image, rest[0])
+        pixels = int(t["n_pixels"].sum())
+        degenerate = not t["neutral_initial"].any()
+        initial = region_metrics(self._conf_initial, pixels, int(t["neutral_initial"].sum()))
+        pseudo = region_metrics(rest[2], pixels, int(t["neutral_refined"].sum()))
         unsupervised = {
-            **all_objectives(counts), "degenerate": float(degenerate),
+            **all_objectives(t), "degenerate": float(degenerate),
             "npr_initial": initial["npr"], "npr_pseudo": pseudo["npr"],
-            "n_to_b": sum(x["n_to_b"] for x in counts) / pixels,
-            "n_to_f": sum(x["n_to_f"] for x in counts) / pixels}
+            "n_to_b": float(t["n_to_b"].sum() / pixels),
+            "n_to_f": float(t["n_to_f"].sum() / pixels)}
         if not train.has_masks:
             return unsupervised
         return {
@@ -93,9 +111,10 @@ class Trial:
         }
 
     def pseudo_labels(self, only: Sequence[int] | None = None):
-        """Yield (image id, uint8 pseudo-label map) for every trial image (or those ``only``)."""
+        """Yield (image id, uint8 pseudo-label map, numpy) for every trial image (or those
+        ``only``)."""
         for k, pseudo in self._refined(only):
-            yield self.images.ids[k], pseudo
+            yield self.images.ids[k], host(pseudo)
 
     def state_dict(self) -> dict[str, Any]:
         return {"refiner": self.refiner.state_dict(), "epoch": self.epoch}

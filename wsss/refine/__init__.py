@@ -12,6 +12,7 @@ from wsss.refine.base import REFINERS, Refiner, TrialImages, register_refiner
 from wsss.refine.crf import CrfSpec
 from wsss.refine.irn import IrnSpec
 from wsss.refine.psa import PsaSpec
+from wsss.regions import dense_crf
 from wsss.spec import Spec
 
 __all__ = ["REFINERS", "RefineSpec", "Refiner", "TrialImages", "create_refiner",
@@ -53,6 +54,15 @@ class RefineSpec(Spec):
     def needs_features(self) -> bool:
         """Whether stage 0 must store frozen features for this method (the trained ones)."""
         return self.epochs > 0
+
+
+    def check_available(self) -> None:
+        """A `UserError` now, before any work, when the method needs the missing ``[crf]``
+        extra (``crf``, or a trained method's ``crf`` label cleaning)."""
+        if self.method == "crf":
+            dense_crf("refine.method crf")
+        elif getattr(self.section, "crf", False):
+            dense_crf(f"refine.{self.method}.crf")
 
 
 def create_refiner(spec: RefineSpec, images: TrialImages) -> Refiner:

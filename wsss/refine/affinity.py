@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from wsss.random_walk import half_plane_offsets, walk
 from wsss.refine.base import TrialImages
-from wsss.regions import NEUTRAL, crf_regions
+from wsss.regions import NEUTRAL, Array, as_tensor, crf_regions, host, like
 from wsss.spec import Spec
 
 
@@ -45,30 +46,36 @@ class AffinityTraining(Spec):
         raise NotImplementedError
 
 
-def downsample_regions(regions: np.ndarray, grid: tuple[int, int], stride: int) -> np.ndarray:
+def downsample_regions(regions: Array, grid: tuple[int, int], stride: int) -> Array:
     """Image-resolution region labels -> the feature grid, by nearest sampling at cell centres.
 
     IRN rescales its label maps with nearest interpolation; sampling the centre pixel of each
     ``stride x stride`` cell does the same without an image library.
     """
+    r = as_tensor(regions)
     h, w = grid
-    ys = np.minimum(np.arange(h) * stride + stride // 2, regions.shape[0] - 1)
-    xs = np.minimum(np.arange(w) * stride + stride // 2, regions.shape[1] - 1)
-    return regions[np.ix_(ys, xs)]
+    ys = torch.clamp(torch.arange(h, device=r.device) * stride + stride // 2, max=r.shape[0] - 1)
+    xs = torch.clamp(torch.arange(w, device=r.device) * stride + stride // 2, max=r.shape[1] - 1)
+    return like(r[ys][:, xs], regions)
 
 
-def affinity_labels(regions: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boolean ``[n_offsets, h, w]`` masks (bg positive, fg positive, negative) per half-plane
-    offset of `half_plane_offsets(radius)`: entry ``[k, y, x]`` is the pair ``(y, x)`` ->
-    ``(y, x) + offset_k``. Pairs touching a neutral pixel or leaving the map are in none."""
-    h, w = regions.shape
-    padded = np.pad(regions, radius, constant_values=NEUTRAL)
-    src = regions[None]
-    dst = np.stack([padded[radius + dy:radius + dy + h, radius + dx:radius + dx + w]
-                    for dy, dx in half_plane_offsets(radius)])
+def affinity_labels(regions: Array, radius: int) -> tuple[Array, Array, Array]:
+    """Boolean masks (bg positive, fg positive, negative) ``[..., n_offsets, h, w]`` per
+    half-plane offset of `half_plane_offsets(radius)` for region maps ``[..., h, w]``: entry
+    ``[k, y, x]`` is the pair ``(y, x)`` -> ``(y, x) + offset_k``. Pairs touching a neutral
+    pixel or leaving the map are in none. Built where the regions are (on a GPU: there)."""
+    r = as_tensor(regions)
+    h, w = r.shape[-2:]
+    flat = r.reshape(-1, 1, h, w)
+    padded = F.pad(flat.float(), (radius,) * 4, value=NEUTRAL).to(r.dtype)[:, 0]
+    src = flat
+    dst = torch.stack([padded[:, radius + dy:radius + dy + h, radius + dx:radius + dx + w]
+                       for dy, dx in half_plane_offsets(radius)], 1)
     valid = (src != NEUTRAL) & (dst != NEUTRAL)
     same = src == dst
-    return valid & same & (src == 0), valid & same & (src != 0), valid & ~same
+    masks = (valid & same & (src == 0), valid & same & (src != 0), valid & ~same)
+    shape = (*r.shape[:-2], dst.shape[1], h, w)
+    return tuple(like(m.reshape(shape), regions) for m in masks)
 
 
 def affinity_loss(aff: torch.Tensor, labels: Sequence[torch.Tensor],
@@ -115,8 +122,9 @@ class AffinityRefiner:
         if k not in self._label_cache:
             images = self.images
             if self.spec.crf:
-                regions = crf_regions(images.image(k), images.scores(k), images.keys(k),
-                                      images.bg, images.fg, where=f"refine.{self.name}.crf")
+                regions = torch.from_numpy(crf_regions(
+                    images.image(k), host(images.scores(k)), images.keys(k), images.bg,
+                    images.fg, where=f"refine.{self.name}.crf")).to(images.device)
             else:
                 regions = images.initial_and_truth(k)[0]  # kept for evaluation too
             self._label_cache[k] = downsample_regions(regions, images.grid(k),
@@ -134,9 +142,8 @@ class AffinityRefiner:
         total = 0.0
         for b in rng.permutation(len(batches)).tolist():
             batch = batches[b]
-            masks = [affinity_labels(self.label_regions(k), spec.label_radius) for k in batch]
-            labels = [torch.from_numpy(np.stack([m[t] for m in masks])).float()
-                      .to(images.device) for t in range(3)]
+            regions = torch.stack([self.label_regions(k) for k in batch])
+            labels = [m.float() for m in affinity_labels(regions, spec.label_radius)]
             loss = affinity_loss(self.affinity(self._out(batch), spec.label_radius), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -150,16 +157,16 @@ class AffinityRefiner:
         channels, which the walk (linear, per channel) leaves at zero."""
         self.head.eval()
         images, spec = self.images, self.spec
-        cams = [torch.from_numpy(images.cams(k)) for k in batch]
+        cams = [images.cams(k) for k in batch]
         n_classes = [len(c) for c in cams]
         if max(n_classes) == 0:
             return cams
         h, w = images.grid(batch[0])
-        stacked = torch.zeros(len(batch), max(n_classes), h, w)
+        stacked = torch.zeros(len(batch), max(n_classes), h, w, device=images.device)
         for b, c in enumerate(cams):
             stacked[b, :len(c)] = c
         out = self._out(batch)
-        refined = walk(self.start(stacked.to(images.device), out),
+        refined = walk(self.start(stacked, out),
                        self.affinity(out, spec.walk_radius), radius=spec.walk_radius,
                        beta=spec.beta, steps=spec.walk_steps)
         return [refined[b, :n] for b, n in enumerate(n_classes)]

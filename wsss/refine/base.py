@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from wsss.regions import check_pair, confident_regions
+from wsss.regions import cam_scores, check_pair, confident_regions
 from wsss.stage0 import Prepared, grid_stride
 
 EVAL_CACHE_BYTES = 256 * 2**20  # a VOC trial subset of 1000 images needs ~375 MB
@@ -22,7 +22,13 @@ EVAL_CACHE_BYTES = 256 * 2**20  # a VOC trial subset of 1000 images needs ~375 M
 
 class TrialImages:
     """A trial's images (``prepared.trial_ids``) and what a refiner may read of each, by
-    position k: CAMs on their grid, confident regions of the pair, frozen features, the image."""
+    position k: CAMs on their grid, confident regions of the pair, frozen features, the image.
+
+    Everything per pixel lives on the trial's device (CAM scores, regions, ground truth), so a
+    GPU trial's loop never waits on the host; what does not change between epochs (initial
+    regions, ground truth, and on a GPU the frozen features while they fit) is kept there,
+    bounded in bytes.
+    """
 
     def __init__(self, prepared: Prepared, bg: float, fg: float, device: torch.device,
                  seed: int = 0) -> None:
@@ -32,11 +38,17 @@ class TrialImages:
         self.index = [prepared.cams.position(i) for i in self.ids]  # trial image -> CAM store
         position = {image_id: i for i, image_id in enumerate(prepared.train.ids)}
         self.train_index = [position[i] for i in self.ids]  # O(n), not ids.index per image
-        self._eval_cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        self._eval_bytes = 0
+        self._eval = ByteBoundCache(EVAL_CACHE_BYTES)
+        on_gpu = device.type == "cuda"
+        self._features = ByteBoundCache(feature_budget(device) if on_gpu else 0)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def resident_features(self) -> list[int]:
+        """Trial images whose frozen features are kept on the device."""
+        return list(self._features.items)
 
     @property
     def channels(self) -> list[int]:
@@ -56,13 +68,15 @@ class TrialImages:
     def image_size(self, k: int) -> tuple[int, int]:
         return self.prepared.cams.image_size(self.index[k])
 
-    def cams(self, k: int) -> np.ndarray:
-        """Image k's stored CAMs ``[K, h, w]`` as float32."""
-        return np.asarray(self.prepared.cams[self.index[k]], dtype=np.float32)
+    def cams(self, k: int) -> torch.Tensor:
+        """Image k's stored CAMs ``[K, h, w]``, float32 on the device."""
+        return torch.from_numpy(np.asarray(self.prepared.cams[self.index[k]], np.float32)).to(
+            self.device)
 
-    def scores(self, k: int) -> np.ndarray:
-        """Image k's CAM scores ``[K, H, W]`` at image size (docs/definitions.md)."""
-        return self.prepared.cams.scores(self.index[k])
+    def scores(self, k: int) -> torch.Tensor:
+        """Image k's CAM scores ``[K, H, W]`` at image size (docs/definitions.md), on the
+        device: upsampled there from the stored grid."""
+        return cam_scores(self.cams(k), self.image_size(k))
 
     def image(self, k: int) -> np.ndarray:
         return self.prepared.train.image(self.train_index[k])
@@ -76,28 +90,66 @@ class TrialImages:
                 for i in range(0, len(g), batch_size)]
 
     def features(self, batch: Sequence[int]) -> list[torch.Tensor]:
-        """The batch's frozen feature levels, each ``[B, C, h, w]`` float32 on the device."""
-        levels = [self.prepared.features.features(k) for k in batch]
-        return [torch.from_numpy(np.stack([lv[j] for lv in levels])).float().to(self.device)
-                for j in range(len(levels[0]))]
+        """The batch's frozen feature levels, each ``[B, C, h, w]`` float32 on the device. On a
+        GPU each image's (float16) levels are kept there while they fit; the rest are copied
+        from pinned memory."""
+        levels = [self._image_features(k) for k in batch]
+        return [torch.stack([lv[j] for lv in levels]).float() for j in range(len(levels[0]))]
 
-    def initial(self, k: int) -> np.ndarray:
-        """Image k's confident regions of the trial's pair, at image size."""
+    def _image_features(self, k: int) -> list[torch.Tensor]:
+        found = self._features.get(k)
+        if found is None:
+            arrays = self.prepared.features.features(k)
+            if self.device.type == "cuda":
+                found = [torch.from_numpy(np.ascontiguousarray(a)).pin_memory()
+                         .to(self.device, non_blocking=True) for a in arrays]
+            else:
+                found = [torch.from_numpy(np.asarray(a)) for a in arrays]
+            self._features.put(k, found)
+        return found
+
+    def initial(self, k: int) -> torch.Tensor:
+        """Image k's confident regions of the trial's pair, uint8 at image size, on the device."""
         return confident_regions(self.scores(k), self.keys(k), self.bg, self.fg)
 
-    def initial_and_truth(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Image k's initial regions and ground truth (None without masks) at image size. Both
-        are the same every epoch, so they are kept (up to `EVAL_CACHE_BYTES` per trial; beyond
-        it recomputed): decoding masks and thresholding CAMs took ~20% of a demo epoch."""
-        if k in self._eval_cache:
-            return self._eval_cache[k]
-        train = self.prepared.train
-        found = self.initial(k), train.mask(self.train_index[k]) if train.has_masks else None
-        size = sum(a.nbytes for a in found if a is not None)
-        if self._eval_bytes + size <= EVAL_CACHE_BYTES:
-            self._eval_cache[k] = found
-            self._eval_bytes += size
+    def initial_and_truth(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image k's initial regions and ground truth (None without masks) at image size, on the
+        device. Both are the same every epoch, so they are kept (up to `EVAL_CACHE_BYTES` per
+        trial; beyond it recomputed): decoding masks and thresholding CAMs took ~20% of a demo
+        epoch."""
+        found = self._eval.get(k)
+        if found is None:
+            train = self.prepared.train
+            gt = (torch.from_numpy(train.mask(self.train_index[k])).to(self.device)
+                  if train.has_masks else None)
+            found = self.initial(k), gt
+            self._eval.put(k, found)
         return found
+
+
+def feature_budget(device: torch.device) -> int:
+    """Bytes of a GPU a trial may fill with frozen features: a quarter of what is free when the
+    trial starts, so concurrent trials sharing the GPU (``gpus_per_trial`` < 1) still fit."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 4
+
+
+class ByteBoundCache:
+    """A dict of tensors (or tuples / lists of them) that stops growing at ``budget`` bytes:
+    what does not fit is recomputed when asked for again."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used, self.items = budget, 0, {}
+
+    def get(self, key: Any) -> Any:
+        return self.items.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        parts = value if isinstance(value, (tuple, list)) else (value,)
+        size = sum(p.numel() * p.element_size() for p in parts if p is not None)
+        if self.used + size <= self.budget:
+            self.items[key] = value
+            self.used += size
 
 
 class Refiner(Protocol):

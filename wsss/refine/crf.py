@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from wsss.refine.base import TrialImages, register_refiner
-from wsss.regions import NEUTRAL, dense_crf
+from wsss.regions import NEUTRAL, dense_crf, host
 from wsss.spec import Spec
 
 
@@ -70,9 +70,10 @@ class CrfRefiner:
         for k in batch:
             scores, keys = images.scores(k), images.keys(k)
             if len(keys) == 0:
-                out.append(torch.from_numpy(scores))
+                out.append(scores)
                 continue
-            probs = crf_unary(scores, keys, images.initial_and_truth(k)[0], spec.gt_prob)
+            probs = crf_unary(host(scores), keys, host(images.initial_and_truth(k)[0]),
+                              spec.gt_prob)
             n, h, w = probs.shape
             crf = self.dcrf.DenseCRF2D(w, h, n)
             crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
