@@ -8,6 +8,7 @@ same way. Adding a method is one module that defines a spec and a class and call
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -103,8 +104,11 @@ class TrialImages:
             if self.device.type == "cuda":
                 found = [torch.from_numpy(np.ascontiguousarray(a)).pin_memory()
                          .to(self.device, non_blocking=True) for a in arrays]
-            else:
-                found = [torch.from_numpy(np.asarray(a)) for a in arrays]
+            else:  # read-only memory maps: nothing writes to them (the batch is a stacked copy)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not "
+                                                              "writable")
+                    found = [torch.from_numpy(np.asarray(a)) for a in arrays]
             self._features.put(k, found)
         return found
 
