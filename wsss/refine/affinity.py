@@ -153,23 +153,26 @@ class AffinityRefiner:
 
     @torch.no_grad()
     def refine(self, batch: Sequence[int]) -> list[torch.Tensor]:
-        """One walk for the whole batch: images with fewer classes are padded with zero
-        channels, which the walk (linear, per channel) leaves at zero."""
+        """One head forward for the batch, then one walk per group of images with the same
+        number of classes (padding fewer classes with zero channels would walk them too)."""
         self.head.eval()
         images, spec = self.images, self.spec
         cams = [images.cams(k) for k in batch]
-        n_classes = [len(c) for c in cams]
-        if max(n_classes) == 0:
-            return cams
-        h, w = images.grid(batch[0])
-        stacked = torch.zeros(len(batch), max(n_classes), h, w, device=images.device)
-        for b, c in enumerate(cams):
-            stacked[b, :len(c)] = c
         out = self._out(batch)
-        refined = walk(self.start(stacked, out),
-                       self.affinity(out, spec.walk_radius), radius=spec.walk_radius,
-                       beta=spec.beta, steps=spec.walk_steps)
-        return [refined[b, :n] for b, n in enumerate(n_classes)]
+        half = self.affinity(out, spec.walk_radius)
+        refined: list[torch.Tensor] = list(cams)  # images without a class stay as they are
+        by_count: dict[int, list[int]] = {}
+        for b, c in enumerate(cams):
+            if len(c):
+                by_count.setdefault(len(c), []).append(b)
+        for group in by_count.values():
+            idx = torch.tensor(group, device=images.device)
+            walked = walk(self.start(torch.stack([cams[b] for b in group]), out[idx]),
+                          half[idx], radius=spec.walk_radius, beta=spec.beta,
+                          steps=spec.walk_steps)
+            for b, r in zip(group, walked):
+                refined[b] = r
+        return refined
 
     def state_dict(self) -> dict[str, Any]:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
