@@ -22,6 +22,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/threshold_surface.py
 	$(BIN)/python benchmarks/random_walk.py
 	$(BIN)/python benchmarks/trial.py
+	$(BIN)/python benchmarks/trial_scale.py
 	$(BIN)/python benchmarks/tune_overhead.py
 	$(BIN)/python benchmarks/search_efficiency.py
 

@@ -21,7 +21,7 @@ from wsss.metrics import (
     threshold_surface,
     transition_counts,
 )
-from wsss.regions import NEUTRAL, confident_regions, max_and_argmax
+from wsss.regions import NEUTRAL, cam_scores, confident_regions, max_and_argmax
 
 # One 2x3 image, classes 1 and 2 present, C = 3 (background + 2).
 S1 = [[0.9, 0.2, 0.05], [0.5, 0.3, 0.0]]
@@ -222,3 +222,35 @@ def test_objective_registry():
     with pytest.raises(ValueError, match="already registered"):
         register("tecm", lambda counts: 0.0)
     assert len(OBJECTIVES) >= 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 3), st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**31 - 1),
+       st.sampled_from([(0.1, 0.5), (0.3, 0.3), (0.0, 1.0), (0.25, 0.45)]))
+def test_torch_inputs_give_what_numpy_inputs_give(k, h, w, seed, pair):
+    """The trial computes regions, scores, pseudo-label counts and confusions in torch on its
+    device; the same functions on numpy (the surface, the report, the tests) must agree."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random((k, h, w)).astype(np.float16)
+    keys = np.sort(rng.choice(np.arange(1, 6), k, replace=False))
+    regions = confident_regions(scores, keys, *pair)
+    on_torch = confident_regions(torch.from_numpy(scores), keys, *pair)
+    assert isinstance(on_torch, torch.Tensor) and on_torch.dtype == torch.uint8
+    np.testing.assert_array_equal(on_torch.numpy(), regions)
+    gt = rng.choice(np.array([0, 1, 2, 3, 4, 5, 255], np.uint8), (h, w))
+    np.testing.assert_array_equal(confusion(torch.from_numpy(regions), torch.from_numpy(gt), 6,
+                                            validate=False).numpy(), confusion(regions, gt, 6))
+    cams = rng.random((k, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(cam_scores(torch.from_numpy(cams), (h, w)).numpy(),
+                                  cam_scores(cams, (h, w)))
+
+
+def test_byte_bound_cache_stops_growing_at_its_budget():
+    from wsss.refine.base import ByteBoundCache
+
+    cache = ByteBoundCache(budget=100)
+    cache.put("a", torch.zeros(20, dtype=torch.float32))  # 80 bytes: kept
+    cache.put("b", (torch.zeros(8, dtype=torch.uint8), None, torch.zeros(4)))  # 24 more: over
+    cache.put("c", [torch.zeros(20, dtype=torch.uint8)])  # 20 more: fits
+    assert cache.get("a") is not None and cache.get("b") is None and cache.get("c") is not None
+    assert cache.used == 100
