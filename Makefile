@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/trial_scale.py
 	$(BIN)/python benchmarks/tune_overhead.py
 	$(BIN)/python benchmarks/search_efficiency.py
+	$(BIN)/python benchmarks/correlate.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .hypothesis

@@ -328,8 +328,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)
     search = cfg.search
     print(f"wsss-tune demo '{cfg.name}': synthetic data -> classifier + CAMs (stage 0, cached "
-          f"after the first run) -> TECM trials over (BG, FG) on Ray Tune (stage 1, "
-          f"{search.space} space) -> DeepLabv3+ on {_promoted(search)} (stage 2) -> selection",
+          f"after the first run) -> {search.objective} trials over (BG, FG), refiner "
+          f"{cfg.refine.method}, on Ray Tune (stage 1, {search.space} space) -> DeepLabv3+ on {_promoted(search)} (stage 2) -> selection",
           flush=True)
     start = time.perf_counter()
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri)
