@@ -329,8 +329,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     search = cfg.search
     print(f"wsss-tune demo '{cfg.name}': synthetic data -> classifier + CAMs (stage 0, cached "
           f"after the first run) -> {search.objective} trials over (BG, FG), refiner "
-          f"{cfg.refine.method}, on Ray Tune (stage 1, {search.space} space) -> DeepLabv3+ on {_promoted(search)} (stage 2) -> selection",
-          flush=True)
+          f"{cfg.refine.method}, on Ray Tune (stage 1, {search.space} space) -> DeepLabv3+ on "
+          f"{_promoted(search)} (stage 2) -> selection", flush=True)
     start = time.perf_counter()
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri)
     print_result(cfg, out, time.perf_counter() - start)
