@@ -254,8 +254,8 @@ def frozen_levels(trial: TrialSpec, classifier_path: Path | None, store: CamStor
 
 
 class LiveFeatures:
-    """`FeatureStore`'s reading interface (``ids``, ``manifest["channels"]``, ``features``)
-    over the frozen backbone itself, one image per call. Stage 2 needs every train image's
+    """`FeatureStore`'s reading interface (``ids``, ``manifest["channels"]``, ``features``,
+    ``features_batch``) over the frozen backbone itself. Stage 2 needs every train image's
     features once per candidate; stored, a full VOC split would take hundreds of GB at stride 4.
     Features are rounded to float16 like the store's, so an edge head sees the same inputs."""
 
@@ -269,8 +269,18 @@ class LiveFeatures:
         return len(self.ids)
 
     def features(self, i: int) -> list[np.ndarray]:
-        return next(_extract_features_batch(self.backbone, self.data, [i], self.levels,
-                                            self.device))
+        return self.features_batch([i])[0]
+
+    def features_batch(self, idx: Sequence[int]) -> list[list[np.ndarray]]:
+        """The images' levels from one backbone forward per image size among them."""
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i in idx:
+            by_size.setdefault(self.data.size(i), []).append(i)
+        found = {}
+        for group in by_size.values():
+            found.update(zip(group, _extract_features_batch(self.backbone, self.data, group,
+                                                            self.levels, self.device)))
+        return [found[i] for i in idx]
 
 
 def prepare(data: DataSpec, classifier: ClassifierSpec, cam: CamSpec, cache_root: Path, *,

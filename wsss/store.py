@@ -130,6 +130,10 @@ class FeatureStore(RaggedStore):
             start += n
         return out
 
+    def features_batch(self, idx: Sequence[int]) -> list[list[np.ndarray]]:
+        """`features` of several images (what `LiveFeatures` computes in one forward)."""
+        return [self.features(i) for i in idx]
+
     @classmethod
     def write_levels(cls, path: str | Path, ids: Sequence[str],
                      level_shapes: Sequence[Sequence[tuple[int, ...]]],

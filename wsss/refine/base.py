@@ -93,24 +93,23 @@ class TrialImages:
     def features(self, batch: Sequence[int]) -> list[torch.Tensor]:
         """The batch's frozen feature levels, each ``[B, C, h, w]`` float32 on the device. On a
         GPU each image's (float16) levels are kept there while they fit; the rest are copied
-        from pinned memory."""
-        levels = [self._image_features(k) for k in batch]
+        from pinned memory. Missing ones are read (or computed) in one call for the batch."""
+        found = {k: self._features.get(k) for k in batch}
+        missing = [k for k in batch if found[k] is None]
+        if missing:
+            for k, arrays in zip(missing, self.prepared.features.features_batch(missing)):
+                found[k] = self._to_device(arrays)
+                self._features.put(k, found[k])
+        levels = [found[k] for k in batch]
         return [torch.stack([lv[j] for lv in levels]).float() for j in range(len(levels[0]))]
 
-    def _image_features(self, k: int) -> list[torch.Tensor]:
-        found = self._features.get(k)
-        if found is None:
-            arrays = self.prepared.features.features(k)
-            if self.device.type == "cuda":
-                found = [torch.from_numpy(np.ascontiguousarray(a)).pin_memory()
-                         .to(self.device, non_blocking=True) for a in arrays]
-            else:  # read-only memory maps: nothing writes to them (the batch is a stacked copy)
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="The given NumPy array is not "
-                                                              "writable")
-                    found = [torch.from_numpy(np.asarray(a)) for a in arrays]
-            self._features.put(k, found)
-        return found
+    def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        if self.device.type == "cuda":
+            return [torch.from_numpy(np.ascontiguousarray(a)).pin_memory()
+                    .to(self.device, non_blocking=True) for a in arrays]
+        with warnings.catch_warnings():  # read-only memory maps: nothing writes to them (the
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return [torch.from_numpy(np.asarray(a)) for a in arrays]  # batch is a stacked copy
 
     def initial(self, k: int) -> torch.Tensor:
         """Image k's confident regions of the trial's pair, uint8 at image size, on the device."""
