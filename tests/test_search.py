@@ -117,6 +117,8 @@ def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["refine.irn.epochs"] == "2" and parent.data.tags["git_commit"]
+    assert parent.data.params["refine.method"] == "irn"
+    assert not any(k.startswith(("refine.psa", "refine.crf")) for k in parent.data.params)
     assert parent.data.tags["version.torch"] and parent.data.tags["config_hash"]
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}' "

@@ -365,7 +365,10 @@ def begin_search(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[st
     config = cfg.model_dump(mode="json")
     seeds = {"classifier": cfg.classifier.seed, "trial": cfg.trial.seed,
              "search": cfg.search.seed}
-    parent = tracking.start_parent(uri, cfg.name, config,
+    method = cfg.refine.method  # the other refiners' sections would be noise among the params
+    logged = {**config, "refine": {k: v for k, v in config["refine"].items()
+                                   if k in ("method", method)}}
+    parent = tracking.start_parent(uri, cfg.name, logged,
                                    tracking.provenance(seeds, digest(config)))
     state = {"config": config, "tracking_uri": uri, "parent_run_id": parent}
     write_json_atomic(folder / STATE_FILE, state)
