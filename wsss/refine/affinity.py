@@ -103,7 +103,7 @@ class AffinityRefiner:
         self.head = self.build_head(images.channels).to(images.device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=spec.lr,
                                            weight_decay=spec.weight_decay)
-        self._label_cache: dict[int, np.ndarray] = {}
+        self._label_cache: dict[int, torch.Tensor] = {}  # grid-sized uint8 maps: small
 
     def build_head(self, channels: Sequence[int]) -> nn.Module:
         raise NotImplementedError
@@ -116,9 +116,11 @@ class AffinityRefiner:
         """The walk's starting scores ``[B, K, h, w]`` for the batch's CAMs."""
         raise NotImplementedError
 
-    def label_regions(self, k: int) -> np.ndarray:
-        """The regions the affinities learn from, on the CAM grid: computed once per trial (they
-        do not change between epochs), CRF-cleaned when the section's ``crf`` is on."""
+    def label_regions(self, k: int) -> torch.Tensor:
+        """The regions the affinities learn from, on the CAM grid and the device: computed once
+        per trial (they do not change between epochs), CRF-cleaned when the section's ``crf`` is
+        on. The affinity labels are rebuilt from them per batch on the device, which costs less
+        than caching them (``n_offsets`` x 3 masks per image, 447 at IRN's radius 10)."""
         if k not in self._label_cache:
             images = self.images
             if self.spec.crf:
