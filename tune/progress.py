@@ -49,7 +49,7 @@ class Stage1Progress(Callback):
             what = "degenerate (no neutral pixel): never promoted"
         else:
             what = (f"{self.objective} {result[self.objective]:.4f}  " + (
-                f"{epochs} epochs" if self._finished(result) else
+                f"{epochs} epoch{'s' * (epochs != 1)}" if self._finished(result) else
                 f"stopped early after {epochs}"))
         scored = [(t.last_result[self.objective], t.last_result["bg"], t.last_result["fg"])
                   for t in ended if self._finished(t.last_result or {})]
