@@ -263,8 +263,9 @@ def header_section(ev: Evidence) -> str:
         rule = (f"by {label(ev.objective)} (no ground truth used)" if sel.get("pick") != "val_miou"
                 else "by val mIoU (uses ground truth)")
         value = metrics.get("objective", metrics.get(ev.objective))
+        refiner = (ev.config.get("refine") or {}).get("method", "?")
         items.append(f"<b>selected (BG, FG) = {_e(pair_text(*ev.pick))}</b> {_e(rule)}; "
-                     f"policy {_e(sel.get('policy', '?'))}")
+                     f"policy {_e(sel.get('policy', '?'))}; refiner {_e(refiner)}")
         items.append(f"{_e(label(ev.objective))} {fmt(ev.objective, value)}, "
                      f"PQS avg {fmt('pqs_avg', metrics.get('pqs_avg'))}, "
                      f"val mIoU {fmt('val_miou', metrics.get('val_miou'))}")
