@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path,
                    help="CSV path (default: <runs_root>/<name>/surface_initial.csv)")
 
-    p = sub.add_parser("trial", help="one (BG, FG) trial without Ray: AffinityNet on cached "
-                                     "features, random walk, pseudo-labels, TECM (+ PQS)")
+    p = sub.add_parser("trial", help="one (BG, FG) trial without Ray: the refiner "
+                                     "(refine.method), pseudo-labels, TECM (+ PQS)")
     _config_args(p)
     p.add_argument("--bg", required=True, type=float, help="confident background: max score <= BG")
     p.add_argument("--fg", required=True, type=float, help="confident foreground: max score >= FG")

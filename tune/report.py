@@ -581,7 +581,7 @@ def stage1_curves_figure(ev: Evidence) -> tuple[Figure, int]:
         handles.append(Line2D([], [], marker="x", ls="", color="black", mew=2,
                               label=f"stopped early by ASHA ({counts['stopped']})"))
     ax.legend(handles=handles, fontsize=8, loc="best")
-    ax.set_xlabel("AffinityNet epoch")
+    ax.set_xlabel(f"{(ev.config.get('refine') or {}).get('method', 'refiner')} epoch")
     ax.set_ylabel(f"{label(ev.objective)} (driving objective)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _light_grid(ax)
