@@ -37,7 +37,7 @@ def _gt_index(gt: np.ndarray, num_classes: int) -> np.ndarray:
 
 def confusion(pred: Array, gt: Array, num_classes: int, *, validate: bool = True) -> Array:
     """``[C, C + 1]`` int64 counts of (GT class, predicted class or neutral); GT 255 ignored.
-    numpy in, numpy out; tensors in, a tensor on their device out (one bincount there).
+    numpy in, numpy out; tensors in, a tensor on their device out (counted there).
     ``validate=False`` skips the range check (a host sync on a GPU) for ids the caller made."""
     p, g = as_tensor(pred), as_tensor(gt)
     if p.shape != g.shape:
@@ -52,7 +52,10 @@ def confusion(pred: Array, gt: Array, num_classes: int, *, validate: bool = True
         raise ValueError("predicted id outside 0..{} (and 255)".format(c - 1) if bad_p else
                          f"ground-truth id outside 0..{c - 1} (and 255)")
     codes = torch.where(valid, g * n + p, c * n)  # ignored pixels go to one extra bin
-    return like(torch.bincount(codes, minlength=c * n + 1)[:c * n].reshape(c, n), gt)
+    # index_add_, not bincount: CUDA's bincount sizes its output from the input's max (a sync)
+    counts = torch.zeros(c * n + 1, dtype=torch.int64, device=codes.device)
+    counts.index_add_(0, codes, torch.ones_like(codes))
+    return like(counts[:c * n].reshape(c, n), gt)
 
 
 def iou_per_class(conf: np.ndarray, protocol: Protocol = "standard") -> np.ndarray:

@@ -141,7 +141,7 @@ class AffinityRefiner:
         images, spec = self.images, self.spec
         rng = np.random.default_rng([images.seed, epoch])
         batches = images.batches(rng.permutation(len(images)), spec.batch_size)
-        total = 0.0
+        total = torch.zeros((), device=images.device)  # summed there: no host sync per batch
         for b in rng.permutation(len(batches)).tolist():
             batch = batches[b]
             regions = torch.stack([self.label_regions(k) for k in batch])
@@ -150,8 +150,8 @@ class AffinityRefiner:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            total += loss.item() * len(batch)
-        return total / len(images)
+            total += loss.detach() * len(batch)
+        return float(total) / len(images)
 
     @torch.no_grad()
     def refine(self, batch: Sequence[int]) -> list[torch.Tensor]:
