@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wsss.random_walk import _half_plane_paths, propagate, propagate_dense
+from wsss.random_walk import _half_plane_paths, half_plane_affinity, propagate, propagate_dense
 
 TOL = 5e-4  # of the output's maximum: 256 float32 steps alone drift ~1.5e-4
 
@@ -177,3 +177,24 @@ def test_cuda_matches_cpu() -> None:
         assert float((got - exact).abs().max()) <= 1e-4 * float(exact.abs().max()), device
     dense = propagate_dense(cams.cuda(), edge.cuda(), radius=5, exp_times=4)
     assert _close(propagate(cams.cuda(), edge.cuda(), radius=5, steps=16), dense)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 5, 10])
+def test_gathered_path_max_equals_the_sliced_one(radius: int) -> None:
+    """The GPU formulation of IRN's path affinities (one gather) gives the sliced CPU one's
+    values and gradients exactly; run here on CPU tensors."""
+    import torch.nn.functional as F
+
+    from wsss.random_walk import _gathered_path_max
+
+    edge = torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(radius),
+                      requires_grad=True)
+    sliced = half_plane_affinity(edge, radius)
+    r = radius - 1
+    padded = F.pad(edge, (r, r, 0, r), value=1.0)
+    gathered = 1 - _gathered_path_max(padded, radius, 9, 11)
+    assert torch.equal(sliced, gathered)
+    weights = torch.rand_like(sliced)
+    (want,) = torch.autograd.grad((sliced * weights).sum(), edge)
+    (got,) = torch.autograd.grad((gathered * weights).sum(), edge)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
