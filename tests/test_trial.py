@@ -49,6 +49,11 @@ def test_trial_is_deterministic_and_resumes_exactly(ci_config, ci_prepared):
     resumed = make_trial(ci_config, ci_prepared, 0.25, 0.5, epochs=2)
     resumed.load_state_dict(first.state_dict())
     assert list(run_trial(resumed)) == a[1:]
+    from wsss.errors import UserError
+
+    old = {"head": first.refiner.head.state_dict(), "optimizer": {}, "epoch": 1}
+    with pytest.raises(UserError, match="written by an earlier wsss-tune"):
+        make_trial(ci_config, ci_prepared, 0.25, 0.5).load_state_dict(old)
 
 
 def test_degenerate_pair(ci_config, ci_prepared):

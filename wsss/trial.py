@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from wsss.devices import resolve_device
+from wsss.errors import UserError
 from wsss.metrics import COUNTS, Transitions, confusion, region_metrics, transition_counts
 from wsss.objectives import all_objectives
 from wsss.pseudo_labels import pseudo_labels
@@ -120,6 +121,9 @@ class Trial:
         return {"refiner": self.refiner.state_dict(), "epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "refiner" not in state:  # an edge head saved before refiners were pluggable
+            raise UserError("this trial checkpoint was written by an earlier wsss-tune (no "
+                            "refiner state in it): run the search again instead of resuming it")
         self.refiner.load_state_dict(state["refiner"])
         self.epoch = int(state["epoch"])
 
