@@ -227,3 +227,15 @@ def test_fingerprint_changes_with_one_mask_pixel(root: Path) -> None:
     labels[0, 0] = 1 if labels[0, 0] != 1 else 2
     save_palette_png(path, labels)
     assert SegDataset(root, "train").fingerprint() != before
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    """Outputs are for sharing (a lab's runs folder): written like any file, 0666 minus the
+    umask, not mkstemp's private 0600."""
+    import os
+
+    from wsss.files import UMASK, atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "a.json", b"{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~UMASK
+    assert (tmp_path / "a.json").read_bytes() == b"{}" and len(os.listdir(tmp_path)) == 1

@@ -425,3 +425,36 @@ def test_rank_epoch_ranks_by_the_last_or_the_best_epoch_and_stage2_uses_that_hea
              "best": {"epoch": 2, "objective": 0.8, "refiner": {"w": torch.ones(1)}}}
     assert ranked_state(state, "last")["refiner"]["w"].item() == 0
     assert ranked_state(state, "best")["refiner"]["w"].item() == 1
+
+
+def test_a_running_search_locks_its_folder(tmp_path, capsys):
+    """A second search into the folder of a running one is refused in one line naming the
+    holder, before stage 0 (the first holds the lock for its whole run); once the holder ends,
+    however it ends, the lock is free again."""
+    import subprocess
+    import sys
+
+    from tune.cli import main
+
+    runs = tmp_path / "runs"
+    folder = runs / "twin"
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from tune.locking import held; "
+         "ctx = held(Path(sys.argv[1]), 'x'); ctx.__enter__(); print('held', flush=True); "
+         "time.sleep(60)", str(folder / ".search.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["search", "--config", "ci", "--set", "name=twin",
+                     "--set", f"runtime.runs_root={runs}"]) == 2
+        err = capsys.readouterr().err
+        assert f"search folder {folder} is in use by pid {holder.pid}" in err
+        assert not (folder / "search.json").exists() and not (runs / "stores").exists()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup, the kernel drops the lock
+        holder.wait()
+    from tune.locking import held
+
+    with held(folder / ".search.lock", "x"):
+        pass

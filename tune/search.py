@@ -24,7 +24,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tune import cluster, tracking
+from tune import cluster, locking, tracking
 from tune.config import Config, SearchConfig, stage0
 from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.space import DefineByRun, grid_pairs
@@ -353,6 +353,7 @@ def search_folder(cfg: Config) -> Path:
 
 
 STATE_FILE = "search.json"
+LOCK_FILE = ".search.lock"  # held by the search running in the folder (`tune.locking`)
 
 
 def begin_search(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[str, Any]:
@@ -368,8 +369,10 @@ def begin_search(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[st
     method = cfg.refine.method  # the other refiners' sections would be noise among the params
     logged = {**config, "refine": {k: v for k, v in config["refine"].items()
                                    if k in ("method", method)}}
-    parent = tracking.start_parent(uri, cfg.name, logged,
-                                   tracking.provenance(seeds, digest(config)))
+    # the first search under a runs root creates its MLflow database; two at once would race
+    with locking.waited(cfg.runtime.runs_root / ".mlflow.lock"):
+        parent = tracking.start_parent(uri, cfg.name, logged,
+                                       tracking.provenance(seeds, digest(config)))
     state = {"config": config, "tracking_uri": uri, "parent_run_id": parent}
     write_json_atomic(folder / STATE_FILE, state)
     return state
@@ -438,6 +441,16 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         ray.shutdown()
     cfg.refine.check_available()  # a missing optional package fails now, not in every trial
     folder = search_folder(cfg)
+    if resume:
+        load_state(folder)  # a wrong folder fails here, before anything is created in it
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+    with locking.held(folder / LOCK_FILE, f"search folder {folder}"):
+        return _run_search(cfg, folder, address, tracking_uri, resume)
+
+
+def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: str | None,
+                resume: bool) -> dict[str, Any]:
     state = load_state(folder) if resume else begin_search(cfg, folder, tracking_uri)
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     if resume:

@@ -21,12 +21,22 @@ from PIL import Image
 from wsss.errors import DataError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once at import: os.umask can only be read by setting it
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it: readers (and a resumed run
     after a crash) never see a half-written file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a plain open() would honour umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
