@@ -66,3 +66,22 @@ def test_scores_are_upsampled_then_normalised_per_class():
     assert (s[1] == 0).all()  # an all-zero CAM stays zero
     assert cam_scores(np.zeros((0, 2, 2)), (3, 5)).shape == (0, 3, 5)
     assert strided_size((375, 500), 4) == (94, 125)  # IRN's ceil(size / stride)
+
+
+def test_a_store_write_removes_what_a_killed_writer_left(tmp_path):
+    """A stage 0 killed while writing leaves `.<store>.tmp-<pid>`; the next write removes such
+    folders of dead writers and keeps those of live ones."""
+    import os
+    import subprocess
+
+    from wsss.store import CamStore
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f".cams-abc.tmp-{dead.pid}"
+    (orphan / "sub").mkdir(parents=True)
+    live = tmp_path / f".cams-def.tmp-{os.getppid()}"
+    live.mkdir()
+    CamStore.write(tmp_path / "cams-new", ["a"], [(1, 2, 2)], [np.ones((1, 2, 2))], {"k": 1},
+                   meta={"keys": [[1]], "image_size": [[8, 8]]})
+    assert not orphan.exists() and live.exists() and (tmp_path / "cams-new").is_dir()

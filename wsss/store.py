@@ -25,6 +25,30 @@ from wsss.regions import cam_scores
 STORE_VERSION = 1
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid we can ask about: keep its folder
+    return True
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove the half-written (``.<name>.tmp-<pid>``) and replaced (``.<name>.old-<pid>``)
+    store folders whose writer is dead: what a stage 0 killed mid-write leaves behind. Writers
+    run on the search driver's machine, so the pid check is local."""
+    removed = []
+    for d in folder.glob(".*-*"):
+        kind, _, pid = d.name.rpartition("-")
+        ours = kind.endswith((".tmp", ".old")) and pid.isdigit()
+        if ours and d.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
 class RaggedStore:
     """Read-only view of a store: ``store[i]`` is item i's float16 array (a memmap view)."""
 
@@ -69,6 +93,7 @@ class RaggedStore:
         """Fill a new store from ``arrays`` (in ``ids`` order, each of its declared shape)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_orphans(path.parent)
         sizes = [int(np.prod(s)) for s in shapes]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
