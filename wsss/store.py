@@ -10,6 +10,7 @@ any process without copying: Ray trials share the page cache instead of the obje
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,7 @@ from wsss.files import write_json_atomic
 from wsss.regions import cam_scores
 
 STORE_VERSION = 1
+log = logging.getLogger("wsss")
 
 
 def _alive(pid: int) -> bool:
@@ -93,7 +95,8 @@ class RaggedStore:
         """Fill a new store from ``arrays`` (in ``ids`` order, each of its declared shape)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_orphans(path.parent)
+        for orphan in remove_orphans(path.parent):
+            log.info("removed %s, left by a store writer that died", orphan)
         sizes = [int(np.prod(s)) for s in shapes]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
