@@ -100,3 +100,21 @@ def test_analyze_the_papers_own_table(capsys):
     assert main(["analyze", str(table), "--x", "tecm", "--y", "pqs_avg", "--where", "bg >>"]) == 2
     assert "--where 'bg >>'" in capsys.readouterr().err
     assert main(["analyze", "nowhere.csv", "--x", "a", "--y", "b"]) == 2
+
+
+def test_an_unusable_output_folder_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    """`--export-labels` / `export-labels --out` naming a file (or an unwritable place) stop in
+    one line before stage 0 trains or refines anything."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file")
+    assert main(["trial", "--config", "ci", "--bg", "0.2", "--fg", "0.45",
+                 "--export-labels", str(tmp_path / "taken")]) == 2
+    assert f"--export-labels {tmp_path / 'taken'} exists and is not a folder" in (
+        capsys.readouterr().err)
+    assert main(["trial", "--config", "ci", "--bg", "0.2", "--fg", "0.45",
+                 "--export-labels", str(tmp_path / "taken" / "sub")]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+    assert main(["export-labels", str(tmp_path / "nowhere"), "--out",
+                 str(tmp_path / "taken")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()

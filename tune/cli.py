@@ -241,11 +241,14 @@ TRIAL_COLUMNS = ("epoch", "affinity_loss", "tecm", "tecm_pooled", "npr_initial",
 
 
 def cmd_trial(args: argparse.Namespace) -> None:
+    from wsss.files import output_folder
     from wsss.pseudo_labels import export_labels
     from wsss.regions import check_pair
     from wsss.trial import Trial, run_trial
 
     check_pair(args.bg, args.fg, where="--")
+    if args.export_labels:
+        output_folder(args.export_labels, "--export-labels")  # before stage 0 and the trial
     start = time.perf_counter()
     cfg, prepared = _prepare(args, features=True)
     t_prepare = time.perf_counter() - start

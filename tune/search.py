@@ -31,7 +31,7 @@ from tune.space import DefineByRun, grid_pairs
 from tune.trainables import restored_trial, stage1, stage2, trial_context
 from wsss.analysis import GROUND_TRUTH_PROXIES, finished_pairs, pick_quality
 from wsss.errors import UserError
-from wsss.files import atomic_write_bytes, write_csv_atomic, write_json_atomic
+from wsss.files import atomic_write_bytes, output_folder, write_csv_atomic, write_json_atomic
 from wsss.objectives import OBJECTIVES
 from wsss.pseudo_labels import export_labels
 from wsss.segmentation import build_model
@@ -328,7 +328,8 @@ def reselect(folder: Path, *, policy: str | None = None,
 def export_run_labels(folder: Path, out: Path,
                       pair: tuple[float, float] | None = None) -> tuple[int, float, float]:
     """Pseudo-labels of the whole train split for a searched pair (default: the selected one),
-    made by that pair's stage-1 edge head; returns (count, bg, fg)."""
+    made by that pair's stage-1 refiner; returns (count, bg, fg)."""
+    output_folder(out, "--out")  # before any refinement
     cfg = saved_config(folder)
     if pair is None:
         if not (folder / "selection.json").is_file():

@@ -102,3 +102,17 @@ def open_image(path: Path, what: str) -> Image.Image:
         raise DataError(f"{what} {path} not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read {what} {path}: {e}") from None
+
+
+def output_folder(path: Path, what: str) -> Path:
+    """Create the folder ``path`` (and its parents) for outputs, or raise a `DataError` naming
+    ``what`` (the flag or key that gave it) when it cannot be: checked before the work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataError(f"{what} {path} exists and is not a folder") from None
+    except (NotADirectoryError, PermissionError) as e:
+        raise DataError(f"{what} {path}: cannot create the folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"{what} {path}: the folder is not writable")
+    return path
