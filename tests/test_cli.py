@@ -118,3 +118,14 @@ def test_an_unusable_output_folder_fails_before_any_work(tmp_path, monkeypatch, 
                  str(tmp_path / "taken")]) == 2
     assert "--out" in capsys.readouterr().err
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_runs_root_that_cannot_hold_outputs_fails_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    for command in (["search"], ["trial", "--bg", "0.2", "--fg", "0.45"], ["surface"]):
+        assert main([*command, "--config", "ci",
+                     "--set", f"runtime.runs_root={tmp_path / 'file'}"]) == 2
+        assert f"runtime.runs_root {tmp_path / 'file'} exists and is not a folder" in (
+            capsys.readouterr().err)
+    assert not (tmp_path / "data").exists()

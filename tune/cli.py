@@ -204,8 +204,10 @@ def _prepare(args: argparse.Namespace, features: bool):
     import torch
 
     from tune.config import load_config, stage0
+    from wsss.files import output_folder
 
     cfg = load_config(args.config, args.overrides)
+    output_folder(cfg.runtime.runs_root, "runtime.runs_root")  # writable, before any work
     if features:
         cfg.refine.check_available()
     if cfg.runtime.threads:

@@ -441,6 +441,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         cluster.connect(cluster_address)  # a wrong address or token fails now, not after stage 0
         ray.shutdown()
     cfg.refine.check_available()  # a missing optional package fails now, not in every trial
+    output_folder(cfg.runtime.runs_root, "runtime.runs_root")  # writable, before any work
     folder = search_folder(cfg)
     if resume:
         load_state(folder)  # a wrong folder fails here, before anything is created in it
