@@ -84,3 +84,15 @@ def test_paper_grid_matches_the_paper():
     assert pairs[-1] == (0.4, 0.8)
     ext = grid_pairs("extended")
     assert max(fg for _, fg in ext) <= 0.95 and max(bg for bg, _ in ext) == 0.65
+
+
+def test_errors_point_at_the_file_line_and_the_set_that_caused_them(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata: [\n")
+    with pytest.raises(UserError, match=rf'in "{bad}", line 3'):
+        load_config(bad)
+    with pytest.raises(UserError, match=r"at least 1.*\[from --set search\.top_k=-3\]"):
+        load_config("ci", ["search.top_k=-3"])
+    with pytest.raises(UserError) as e:  # a valid --set is not blamed
+        load_config("ci", ["search.top_k=2", "refine.irn.steps=-1"])
+    assert "[from --set refine.irn.steps=-1]" in str(e.value) and "top_k" not in str(e.value)

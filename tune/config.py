@@ -7,6 +7,8 @@ the config is loaded, so every later stage (and every Ray worker) sees absolute 
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,6 +125,14 @@ def packaged_configs() -> list[str]:
     return sorted(p.stem for p in PACKAGED.glob("*.yaml"))
 
 
+class _named(io.StringIO):
+    """YAML text with a name, which PyYAML's errors print instead of "<unicode string>"."""
+
+    def __init__(self, text: str, name: str) -> None:
+        super().__init__(text)
+        self.name = name
+
+
 def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
     path = Path(source)
     if path.is_file():
@@ -134,7 +144,7 @@ def _read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
         raise UserError(f"config {str(source)!r} not found: give a YAML file path or one of the "
                         f"packaged configs {packaged_configs()}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(_named(text, where))
     except yaml.YAMLError as e:
         raise UserError(f"{where} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -168,13 +178,18 @@ def _resolve_paths(model: BaseModel, base: Path) -> None:
             _resolve_paths(value, base)
 
 
-def _format_errors(err: ValidationError, where: str) -> str:
+def _format_errors(err: ValidationError, where: str, overrides: Sequence[str] = ()) -> str:
+    """One line per error, naming the dotted key and, when a ``--set`` gave it (or a key below
+    or above it), that ``--set``: the YAML file is not to blame for a typo on the command line."""
+    given = [a for a in overrides if "=" in a]
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e.get('input')!r})"
-        lines.append(f"  {key}: {msg}{got}")
+        by = [a for a in given if (k := a.partition("=")[0]) == key
+              or k.startswith(f"{key}.") or key.startswith(f"{k}.")]
+        lines.append(f"  {key}: {msg}{got}" + (f" [from --set {by[-1]}]" if by else ""))
     return f"invalid config {where}:\n" + "\n".join(lines)
 
 
@@ -195,7 +210,7 @@ def load_config(source: str | Path, overrides: list[str] | tuple[str, ...] = (),
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise UserError(_format_errors(e, where)) from None
+        raise UserError(_format_errors(e, where, overrides)) from None
     _resolve_paths(cfg, (base_dir or Path.cwd()).resolve())
     return cfg
 
