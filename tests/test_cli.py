@@ -129,3 +129,12 @@ def test_a_runs_root_that_cannot_hold_outputs_fails_first(tmp_path, monkeypatch,
         assert f"runtime.runs_root {tmp_path / 'file'} exists and is not a folder" in (
             capsys.readouterr().err)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_bad_segmentation_encoder_fails_before_stage_0(tmp_path, monkeypatch, capsys):
+    """Found before any data is generated or any classifier trained, and without leaving a
+    search folder that would block the corrected command."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--config", "ci", "--set", "segmentation.encoder=no_such_net"]) == 2
+    assert "segmentation.encoder 'no_such_net'" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs" / "ci").exists()

@@ -442,6 +442,8 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         ray.shutdown()
     cfg.refine.check_available()  # a missing optional package fails now, not in every trial
     output_folder(cfg.runtime.runs_root, "runtime.runs_root")  # writable, before any work
+    if cfg.search.stage2:  # a wrong encoder or weights file fails now, not after stage 0 or 1
+        build_model(cfg.segmentation, num_classes=2)  # the class count does not matter here
     folder = search_folder(cfg)
     if resume:
         load_state(folder)  # a wrong folder fails here, before anything is created in it
@@ -463,8 +465,6 @@ def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: st
             say(f"stage 0: data, classifier, CAMs and frozen features (cached in "
                 f"{cfg.runtime.runs_root / 'stores'})")
         prepared = stage0(cfg)
-        if cfg.search.stage2:  # a wrong encoder or weights file fails now, not after stage 1
-            build_model(cfg.segmentation, prepared.train.num_classes)
         with ray_session(address, uri, parent, *_folders(cfg, folder)):
             table, curves = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
         write_csv_atomic(table, folder / "stage1.csv")
