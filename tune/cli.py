@@ -207,9 +207,9 @@ def _prepare(args: argparse.Namespace, features: bool):
     from wsss.files import output_folder
 
     cfg = load_config(args.config, args.overrides)
-    output_folder(cfg.runtime.runs_root, "runtime.runs_root")  # writable, before any work
     if features:
         cfg.refine.check_available()
+    output_folder(cfg.runtime.runs_root, "runtime.runs_root")  # writable, before any work
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     return cfg, stage0(cfg, features)
