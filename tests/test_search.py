@@ -458,3 +458,24 @@ def test_a_running_search_locks_its_folder(tmp_path, capsys):
 
     with held(folder / ".search.lock", "x"):
         pass
+
+
+def test_an_interrupted_stage_2_selects_nothing(tmp_path):
+    """Ctrl-C in stage 2 used to end in a 'selected' pair from half-trained DeepLabv3+ runs: a
+    training that neither finished nor failed now stops the search with the resume command."""
+    from ray import tune
+
+    from tune.search import stage2_rows
+
+    def result(bg: float, epochs_done: int) -> tune.Result:
+        history = pd.DataFrame({"training_iteration": range(1, epochs_done + 1), "bg": bg,
+                                "fg": 0.5, "seg_loss": 0.3, "val_miou": 0.5})
+        last = {**history.iloc[-1].to_dict(), "epoch": epochs_done, "mlflow_run_id": "r"}
+        return tune.Result(metrics=last, checkpoint=None, error=None, path="",
+                           metrics_dataframe=history)
+
+    rows, curves = stage2_rows([result(0.1, 6), result(0.2, 6)], 6, "unused", tmp_path)
+    assert list(rows.stage2_failed) == [0, 0] and len(curves) == 12
+    with pytest.raises(UserError, match=rf"1 of 2 DeepLabv3\+ trainings unfinished .*nothing is "
+                                        rf"selected.*--resume {tmp_path}"):
+        stage2_rows([result(0.1, 6), result(0.2, 3)], 6, "unused", tmp_path)

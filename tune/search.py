@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -215,21 +215,38 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[Stage2Progress(cfg.segmentation.epochs)] if cfg.runtime.progress
                 else []))
-    rows, curves = [], []
-    for result in tuner.fit():
+    rows, epochs = stage2_rows(tuner.fit(), cfg.segmentation.epochs, tracking_uri, search_dir)
+    return candidates.merge(rows, on=["bg", "fg"], how="left"), epochs
+
+
+def stage2_rows(results: Iterable[tune.Result], epochs: int, tracking_uri: str,
+                search_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per finished or failed DeepLabv3+ training (val mIoU of a finished one), and its
+    curves. A training that neither finished nor failed was interrupted: nothing may then be
+    selected from half-trained models, so this stops with the resume command instead."""
+    rows, curves, unfinished = [], [], 0
+    for result in results:
         m = result.metrics or {}
         history = _history(result, "training_iteration")
         if not history.empty:
             curves.append(history[[c for c in ("bg", "fg", "epoch", "seg_loss", "val_miou")
                                    if c in history]])
-        done = (_failure(result, 2, tracking_uri) is None
-                and m.get("training_iteration", 0) >= cfg.segmentation.epochs)
+        failed = _failure(result, 2, tracking_uri) is not None
+        done = not failed and m.get("training_iteration", 0) >= epochs
+        if not (failed or done):
+            unfinished += 1
+            continue
         rows.append({"bg": m["bg"], "fg": m["fg"], "stage2_failed": int(not done),
                      "val_miou": m.get("val_miou", float("nan")) if done else float("nan"),
                      "seg_loss": m["seg_loss"], "stage2_run_id": m["mlflow_run_id"],
                      "stage2_checkpoint": result.checkpoint.path if result.checkpoint else None})
-    epochs = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    return candidates.merge(pd.DataFrame(rows), on=["bg", "fg"], how="left"), epochs
+    if unfinished:
+        raise UserError(f"stage 2 stopped with {unfinished} of {len(rows) + unfinished} "
+                        f"DeepLabv3+ trainings unfinished (interrupted?): nothing is selected "
+                        f"from half-trained models; continue it with: wsss-tune search --resume "
+                        f"{search_dir}")
+    return pd.DataFrame(rows), (pd.concat(curves, ignore_index=True) if curves
+                                else pd.DataFrame())
 
 
 def promote(table: pd.DataFrame, *, k: int | str, policy: str, epochs: int) -> pd.DataFrame:
