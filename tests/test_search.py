@@ -479,3 +479,20 @@ def test_an_interrupted_stage_2_selects_nothing(tmp_path):
     with pytest.raises(UserError, match=rf"1 of 2 DeepLabv3\+ trainings unfinished .*nothing is "
                                         rf"selected.*--resume {tmp_path}"):
         stage2_rows([result(0.1, 6), result(0.2, 3)], 6, "unused", tmp_path)
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds(tmp_path, capsys):
+    """MLflow retries an unreachable server for minutes and ends in a traceback; the search
+    asks the server's /health first and stops in one line, before stage 0."""
+    import socket
+
+    from tune.cli import main
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["search", "--config", "ci", "--tracking-uri", f"http://127.0.0.1:{port}",
+                 "--set", f"runtime.runs_root={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--tracking-uri http://127.0.0.1:{port}: the MLflow server did not answer" in err
+    assert not (tmp_path / "runs" / "ci").exists()

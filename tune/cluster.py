@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from tune import tracking
 from wsss.errors import UserError
 from wsss.files import atomic_write_bytes
 
@@ -245,31 +246,8 @@ def _probe(tokens: dict[str, str], listings: dict[str, list[str]], http_uri: str
                 missing[folder] = f"no {lost[0]}" + (f" and {len(lost) - 1} more" if lost[1:]
                                                      else "")
     return {"unreadable": unreadable, "missing": missing,
-            "tracking": None if http_uri is None else _tracking_problem(http_uri, timeout_s)}
-
-
-def _tracking_problem(uri: str, timeout_s: float) -> str | None:
-    """Why an MLflow API call to ``uri`` fails from here (None when it works). A real API call,
-    not ``/health``: the server's host check exempts ``/health`` but refuses the trials' calls."""
-    from mlflow import MlflowClient
-
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                                             "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                      MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout_s)))
-    try:
-        MlflowClient(uri).search_experiments(max_results=1)
-        return None
-    except Exception as e:  # any failure is the answer
-        text = str(e)
-        cause = re.search(r"Caused by \w+\(\"?(.*?)\"?\)\)?\s*$", text, re.S)
-        return _first_line(cause.group(1) if cause else text)[:300]
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            "tracking": (None if http_uri is None
+                         else tracking.tracking_problem(http_uri, timeout_s))}
 
 
 def _chain(error: BaseException) -> str:

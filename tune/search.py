@@ -462,9 +462,10 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
     if cfg.search.stage2:  # a wrong encoder or weights file fails now, not after stage 0 or 1
         build_model(cfg.segmentation, num_classes=2)  # the class count does not matter here
     folder = search_folder(cfg)
-    if resume:
-        load_state(folder)  # a wrong folder fails here, before anything is created in it
+    if resume:  # a wrong folder fails here, before anything is created in it
+        tracking.check_reachable(load_state(folder)["tracking_uri"])
     else:
+        tracking.check_reachable(tracking_uri or "")
         folder.mkdir(parents=True, exist_ok=True)
     with locking.held(folder / LOCK_FILE, f"search folder {folder}"):
         return _run_search(cfg, folder, address, tracking_uri, resume)

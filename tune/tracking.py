@@ -10,6 +10,8 @@ trial logs into the same run. `close_children` ends whatever a stopped trial lef
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray.tune import Callback
 
 from tune.progress import pct
+from wsss.errors import UserError
 
 EXPERIMENT = "wsss-tune"
 PACKAGES = ("wsss-tune", "torch", "timm", "ray", "mlflow", "optuna", "numpy",
@@ -30,6 +33,41 @@ PACKAGES = ("wsss-tune", "torch", "timm", "ray", "mlflow", "optuna", "numpy",
 def default_uri(runs_root: Path) -> str:
     """The shared SQLite store of every search under ``runs_root`` (absolute)."""
     return f"sqlite:///{(runs_root / 'mlflow.db').resolve()}"
+
+
+def tracking_problem(uri: str, timeout_s: float) -> str | None:
+    """Why an MLflow API call to ``uri`` fails from here (None when it works). A real API call,
+    not ``/health``: the server's host check exempts ``/health`` but refuses the trials' calls."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                             "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                      MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout_s)))
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+        return None
+    except Exception as e:  # any failure is the answer
+        text = str(e)
+        cause = re.search(r"Caused by \w+\(\"?(.*?)\"?\)\)?\s*$", text, re.S)
+        first = (cause.group(1) if cause else text).strip().splitlines()
+        return (first[0] if first else type(e).__name__)[:300]
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """A tracking server that does not answer within ``timeout_s`` is a `UserError` now: MLflow
+    itself retries for minutes and then fails with a traceback. Local stores are not asked."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    problem = tracking_problem(uri, timeout_s)
+    if problem is not None:
+        raise UserError(f"--tracking-uri {uri}: the MLflow server did not answer ({problem}); "
+                        f"start one (mlflow server --host 127.0.0.1 --port N) or drop the "
+                        f"flag to use the runs root's SQLite store")
 
 
 def artifact_root(uri: str) -> str | None:
