@@ -39,7 +39,7 @@ from wsss.cam import CamSpec
 from wsss.classifier import ClassifierSpec
 from wsss.data import DataSpec, SyntheticSpec
 from wsss.devices import resolve_device
-from wsss.metrics import COUNTS, Transitions, confusion, region_metrics, transition_counts
+from wsss.metrics import Transitions, confusion, region_metrics
 from wsss.objectives import all_objectives
 from wsss.pseudo_labels import pseudo_labels
 from wsss.random_walk import propagate
@@ -162,8 +162,7 @@ def reference_epoch(trial: Trial, phases: Phases) -> dict[str, float]:
     trial.epoch += 1
     refiner.head.eval()
     c = images.prepared.train.num_classes
-    rows, agreement = [], np.zeros((c, c + 1), np.int64)
-    conf_i, conf_p = np.zeros_like(agreement), np.zeros_like(agreement)
+    pairs, conf_p = [], np.zeros((c, c + 1), np.int64)
     for batch in images.batches(range(len(images)), spec.batch_size):
         with phases.timed("features"):
             feats = images.features(batch)
@@ -180,11 +179,10 @@ def reference_epoch(trial: Trial, phases: Phases) -> dict[str, float]:
                 pseudo = pseudo_labels(refined, keys, images.image_size(k), images.bg, images.fg)
                 initial, gt = (None if t is None else host(t)
                                for t in images.initial_and_truth(k))
-                rows.append(transition_counts(initial, pseudo))
-                agreement += confusion(pseudo, initial, c)
-                conf_i += confusion(initial, gt, c)
+                pairs.append((initial, pseudo))
                 conf_p += confusion(pseudo, gt, c)
-    t = Transitions(np.array(rows).reshape(-1, len(COUNTS)), agreement)
+    with phases.timed("pseudo+metrics"):
+        t = Transitions.of(pairs, c)
     pixels = int(t["n_pixels"].sum())
     return {**all_objectives(t),
             "pqs_pseudo": region_metrics(conf_p, pixels, int(t["neutral_refined"].sum()))["pqs"]}

@@ -19,13 +19,15 @@ from wsss.errors import UserError
 
 
 @contextlib.contextmanager
-def held(path: Path, what: str) -> Iterator[None]:
-    """Hold the lock file ``path`` while the block runs, or raise a `UserError` naming the
-    process that holds it. ``what`` says what the lock protects, for the message."""
+def held(path: Path, what: str | None = None) -> Iterator[None]:
+    """Hold the lock file ``path`` while the block runs. With ``what`` (what the lock protects,
+    for the message) a lock held elsewhere is a `UserError` naming its holder; without, wait for
+    it: for short critical sections every process must pass, such as creating a database."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if what else 0))
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             raise UserError(f"{what} is in use by {holder} (lock {path}); wait for it to end, "
@@ -35,16 +37,3 @@ def held(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-@contextlib.contextmanager
-def waited(path: Path) -> Iterator[None]:
-    """Hold the lock file ``path`` while the block runs, waiting for it: for short critical
-    sections that every process must pass, such as creating a shared database."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

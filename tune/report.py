@@ -116,6 +116,11 @@ class Evidence:
         return "tecm"
 
     @property
+    def refiner(self) -> str:
+        """The refiner the search ran (``refine.method``)."""
+        return (self.config.get("refine") or {}).get("method", "refiner")
+
+    @property
     def epochs(self) -> int | None:
         """Reports of a full stage-1 trial (fewer: ASHA stopped it): its refiner's epochs."""
         from wsss.refine import RefineSpec
@@ -263,9 +268,8 @@ def header_section(ev: Evidence) -> str:
         rule = (f"by {label(ev.objective)} (no ground truth used)" if sel.get("pick") != "val_miou"
                 else "by val mIoU (uses ground truth)")
         value = metrics.get("objective", metrics.get(ev.objective))
-        refiner = (ev.config.get("refine") or {}).get("method", "?")
         items.append(f"<b>selected (BG, FG) = {_e(pair_text(*ev.pick))}</b> {_e(rule)}; "
-                     f"policy {_e(sel.get('policy', '?'))}; refiner {_e(refiner)}")
+                     f"policy {_e(sel.get('policy', '?'))}; refiner {_e(ev.refiner)}")
         items.append(f"{_e(label(ev.objective))} {fmt(ev.objective, value)}, "
                      f"PQS avg {fmt('pqs_avg', metrics.get('pqs_avg'))}, "
                      f"val mIoU {fmt('val_miou', metrics.get('val_miou'))}")
@@ -581,7 +585,7 @@ def stage1_curves_figure(ev: Evidence) -> tuple[Figure, int]:
         handles.append(Line2D([], [], marker="x", ls="", color="black", mew=2,
                               label=f"stopped early by ASHA ({counts['stopped']})"))
     ax.legend(handles=handles, fontsize=8, loc="best")
-    ax.set_xlabel(f"{(ev.config.get('refine') or {}).get('method', 'refiner')} epoch")
+    ax.set_xlabel(f"{ev.refiner} epoch")
     ax.set_ylabel(f"{label(ev.objective)} (driving objective)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _light_grid(ax)

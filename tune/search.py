@@ -388,7 +388,7 @@ def begin_search(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[st
     logged = {**config, "refine": {k: v for k, v in config["refine"].items()
                                    if k in ("method", method)}}
     # the first search under a runs root creates its MLflow database; two at once would race
-    with locking.waited(cfg.runtime.runs_root / ".mlflow.lock"):
+    with locking.held(cfg.runtime.runs_root / ".mlflow.lock"):
         parent = tracking.start_parent(uri, cfg.name, logged,
                                        tracking.provenance(seeds, digest(config)))
     state = {"config": config, "tracking_uri": uri, "parent_run_id": parent}

@@ -47,10 +47,11 @@ def confusion(pred: Array, gt: Array, num_classes: int, *, validate: bool = True
     p, g = p.reshape(-1).long(), g.reshape(-1).long()
     valid = g != NEUTRAL
     p = torch.where(p == NEUTRAL, c, p)
-    if validate and bool(((p < 0) | (p > c) | (g >= c)).logical_and(valid).any()):
-        bad_p = bool(((p < 0) | (p > c)).logical_and(valid).any())
-        raise ValueError("predicted id outside 0..{} (and 255)".format(c - 1) if bad_p else
-                         f"ground-truth id outside 0..{c - 1} (and 255)")
+    if validate:
+        if bool(((p < 0) | (p > c)).logical_and(valid).any()):
+            raise ValueError(f"predicted id outside 0..{c - 1} (and 255)")
+        if bool((g >= c).logical_and(valid).any()):
+            raise ValueError(f"ground-truth id outside 0..{c - 1} (and 255)")
     codes = torch.where(valid, g * n + p, c * n)  # ignored pixels go to one extra bin
     # index_add_, not bincount: CUDA's bincount sizes its output from the input's max (a sync)
     counts = torch.zeros(c * n + 1, dtype=torch.int64, device=codes.device)

@@ -54,8 +54,7 @@ def host(x: Array) -> np.ndarray:
 
 
 def _max_and_argmax(s: torch.Tensor, keys: Array) -> tuple[torch.Tensor, torch.Tensor]:
-    k = torch.as_tensor(np.asarray(keys, dtype=np.int64) if not isinstance(keys, torch.Tensor)
-                        else keys, dtype=torch.int64, device=s.device)
+    k = torch.as_tensor(keys, dtype=torch.int64, device=s.device)
     if s.ndim != 3 or s.shape[0] != k.shape[0]:
         raise ValueError(f"scores {tuple(s.shape)} do not match keys {tuple(k.shape)}")
     if k.numel() == 0:

@@ -11,6 +11,7 @@ affinities (`AffinityRefiner.affinity`) and where the walk starts (`AffinityRefi
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,9 +42,9 @@ class AffinityTraining(Spec):
                                          "(IRN/PuzzleCAM); needs the [crf] extra")
 
     @property
+    @abstractmethod
     def walk_steps(self) -> int:
         """Random-walk steps (each method says how it counts them)."""
-        raise NotImplementedError
 
 
 def downsample_regions(regions: Array, grid: tuple[int, int], stride: int) -> Array:
@@ -91,7 +92,7 @@ def affinity_loss(aff: torch.Tensor, labels: Sequence[torch.Tensor],
     return (bg / 2 + fg / 2 + ng) / 2
 
 
-class AffinityRefiner:
+class AffinityRefiner(ABC):
     """Training and walking shared by the affinity refiners; a subclass builds the head
     (`build_head`), reads affinities off its output (`affinity`) and says where the walk starts
     (`start`). Deterministic for a seed on CPU."""
@@ -105,16 +106,17 @@ class AffinityRefiner:
                                            weight_decay=spec.weight_decay)
         self._label_cache: dict[int, torch.Tensor] = {}  # grid-sized uint8 maps: small
 
+    @abstractmethod
     def build_head(self, channels: Sequence[int]) -> nn.Module:
-        raise NotImplementedError
+        """The trainable head over the frozen feature levels (``channels`` each)."""
 
+    @abstractmethod
     def affinity(self, out: torch.Tensor, radius: int) -> torch.Tensor:
         """Half-plane affinities ``[B, n_half, h, w]`` in [0, 1] from the head's output."""
-        raise NotImplementedError
 
+    @abstractmethod
     def start(self, cams: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The walk's starting scores ``[B, K, h, w]`` for the batch's CAMs."""
-        raise NotImplementedError
 
     def label_regions(self, k: int) -> torch.Tensor:
         """The regions the affinities learn from, on the CAM grid and the device: computed once
