@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, get_args
 
 import pandas as pd
 
+from tune import interrupts
 from tune.progress import pct
 from tune.space import Space
 from wsss.errors import UserError
@@ -36,6 +38,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsss-tune", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error or interrupt (one line without)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-data", help="write the synthetic dataset in VOC layout")
@@ -521,14 +525,21 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow sets its loggers' level from this variable when it is imported
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("alembic").setLevel(logging.WARNING)
+    interrupts.install()  # Ctrl-C and SIGTERM: one line and 130 / 143, never a dump
     try:
         COMMANDS[args.command](args)
     except UserError as e:
+        if args.debug:
+            raise
         print(f"wsss-tune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("wsss-tune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"wsss-tune: {str(e) or f'interrupted ({signal.Signals(signum).name})'}",
+              file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +23,12 @@ import pandas as pd
 import ray
 import yaml
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tune import cluster, locking, tracking
+from tune import cluster, interrupts, locking, tracking
 from tune.config import Config, SearchConfig, stage0
 from tune.progress import Stage1Progress, Stage2Progress, say
+from tune.schedulers import ResumableASHA
 from tune.space import DefineByRun, grid_pairs
 from tune.trainables import restored_trial, stage1, stage2, trial_context
 from wsss.analysis import GROUND_TRUTH_PROXIES, finished_pairs, pick_quality
@@ -69,20 +71,20 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
     search, threads = cfg.search, max(1, int(cfg.search.cpus_per_trial))
     param_space, algo, num_samples = stage1_space(search)
     scheduler, reports = None, cfg.refine.reports
+    stage_dir = search_dir / "stage1"
     if search.scheduler == "asha" and reports > 1:  # one report (crf): nothing to stop early
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=reports,
-                                  grace_period=min(search.grace_period, reports),
+        scheduler = ResumableASHA(stage_dir / ASHA_STATE, time_attr="training_iteration",
+                                  max_t=reports, grace_period=min(search.grace_period, reports),
                                   reduction_factor=search.reduction_factor)
     context = trial_context(cfg.data, (cfg.trial, cfg.refine), prepared, search.objective,
                             search.rank_epoch, threads, tracking_uri, parent_run_id,
                             trial_device(cfg.runtime.device, search.gpus_per_trial))
     trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
                                     {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
-    stage_dir = search_dir / "stage1"
-    if resume and tune.Tuner.can_restore(str(stage_dir)):
+    if resume and restorable(stage_dir):
         tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
-                                   restart_errored=True)
-        return _trials_table(tuner.fit(), tracking_uri, search.rank_epoch)
+                                   resume_errored=True, param_space=param_space)
+        return _trials_table(_fit(tuner), tracking_uri, search.rank_epoch)
     total = len(param_space["pair"]["grid_search"]) if param_space else num_samples
     if cfg.runtime.progress:
         stopping = ("ASHA" if scheduler else "no early stopping" + (
@@ -102,7 +104,30 @@ def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: 
         run_config=tune.RunConfig(name="stage1", storage_path=str(search_dir),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   callbacks=callbacks, verbose=0))
-    return _trials_table(tuner.fit(), tracking_uri, search.rank_epoch)
+    return _trials_table(_fit(tuner), tracking_uri, search.rank_epoch)
+
+
+ASHA_STATE = "asha-state.pkl"  # `ResumableASHA`'s rungs, beside Tune's experiment state
+
+
+def restorable(stage_dir: Path) -> bool:
+    """Whether Tune recorded a stage's experiment, so that ``--resume`` continues it. Tune
+    writes ``tuner.pkl`` first and its experiment state a moment later: a stage killed in
+    between recorded nothing, and is removed, to start again (restoring it fails for ever)."""
+    if any(stage_dir.glob("experiment_state-*.json")) and tune.Tuner.can_restore(str(stage_dir)):
+        return True
+    if stage_dir.exists():
+        log.info("%s holds no experiment state (killed as it started): starting it again",
+                 stage_dir)
+        shutil.rmtree(stage_dir)
+    return False
+
+
+def _fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    """``tuner.fit()``; a stop signal ends it gracefully (Tune saves its state), then
+    raises `tune.interrupts.Interrupted`."""
+    with interrupts.tune_loop():
+        return tuner.fit()
 
 
 def _failure(result: tune.Result, stage: int, tracking_uri: str) -> str | None:
@@ -198,15 +223,16 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
     trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
                                     {"cpu": cpus, "gpu": gpus})
     stage_dir = search_dir / "stage2"
-    if tune.Tuner.can_restore(str(stage_dir)):  # a resumed search: finished ones stay done
+    param_space = {"candidate": tune.grid_search(grid)}
+    if restorable(stage_dir):  # a resumed search: finished ones stay done
         tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
-                                   restart_errored=True)
+                                   resume_errored=True, param_space=param_space)
     else:
         if cfg.runtime.progress:
             say(f"stage 2: DeepLabv3+ ({cfg.segmentation.encoder}) on {len(grid)} candidates' "
                 f"pseudo-labels, {cfg.segmentation.epochs} epochs each")
         tuner = tune.Tuner(
-            trainable, param_space={"candidate": tune.grid_search(grid)},
+            trainable, param_space=param_space,
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=search.stage2_max_concurrent or len(grid),
                 reuse_actors=True),
@@ -215,7 +241,7 @@ def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[Stage2Progress(cfg.segmentation.epochs)] if cfg.runtime.progress
                 else []))
-    rows, epochs = stage2_rows(tuner.fit(), cfg.segmentation.epochs, tracking_uri, search_dir)
+    rows, epochs = stage2_rows(_fit(tuner), cfg.segmentation.epochs, tracking_uri, search_dir)
     return candidates.merge(rows, on=["bg", "fg"], how="left"), epochs
 
 
@@ -392,7 +418,11 @@ def begin_search(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[st
         parent = tracking.start_parent(uri, cfg.name, logged,
                                        tracking.provenance(seeds, digest(config)))
     state = {"config": config, "tracking_uri": uri, "parent_run_id": parent}
-    write_json_atomic(folder / STATE_FILE, state)
+    try:
+        write_json_atomic(folder / STATE_FILE, state)
+    except BaseException:  # no search began: its parent run must not stay RUNNING
+        tracking.finish(uri, parent, "KILLED")
+        raise
     return state
 
 
@@ -429,23 +459,24 @@ def ray_session(address: str | None, uri: str, parent: str,
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables
     address = cluster.resolve_address(address)
-    if address is None:
-        # a local Ray turns token auth on by itself and warns that it did: no news for a user
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-            logging.ERROR)
-        # Ray counts the CPUs itself (it honours a container's CPU quota; os.cpu_count does
-        # not); its INFO lines are replaced by our progress lines
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 ignore_reinit_error=True, logging_level=logging.WARNING)
-    else:
-        cluster.connect(address)
     try:
+        with interrupts.sheltered():
+            if address is None:
+                # a local Ray turns token auth on by itself and warns that it did: no news
+                logging.getLogger("ray._private.authentication.authentication_token_setup"
+                                  ).setLevel(logging.ERROR)
+                # Ray counts the CPUs itself (it honours a container's CPU quota;
+                # os.cpu_count does not); its INFO lines are replaced by our progress lines
+                ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                         ignore_reinit_error=True, logging_level=logging.WARNING)
+            else:
+                cluster.connect(address)
         if address is not None:
             cluster.check_cluster(shared or {}, uri, present=present)
         yield
     finally:
         ray.shutdown()
-        tracking.close_children(uri, parent)
+        tracking.close_children(uri, parent, interrupted=interrupts.received() is not None)
 
 
 def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | None = None,
@@ -477,12 +508,13 @@ def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: st
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     if resume:
         tracking.reopen(uri, parent)
-    status = "FAILED"
+    status, phase = "FAILED", "stage 0"
     try:
         if cfg.runtime.progress:
             say(f"stage 0: data, classifier, CAMs and frozen features (cached in "
                 f"{cfg.runtime.runs_root / 'stores'})")
         prepared = stage0(cfg)
+        phase = "stage 1"
         with ray_session(address, uri, parent, *_folders(cfg, folder)):
             table, curves = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
         write_csv_atomic(table, folder / "stage1.csv")
@@ -496,11 +528,13 @@ def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: st
                                              "mlflow_run_id"]].to_dict(orient="records")}
         write_json_atomic(folder / "candidates.json", summary)
         if search.stage2:
+            phase = "stage 2"
             with ray_session(address, uri, parent, *_folders(cfg, folder)):
                 candidates, seg_curves = run_stage2(cfg, candidates, prepared, folder, uri,
                                                     parent)
             write_csv_atomic(candidates.drop(columns=["checkpoint"]), folder / "stage2.csv")
             write_csv_atomic(seg_curves, folder / "stage2_epochs.csv")
+        phase = "selection"
         selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
         tracking.record_selection(uri, parent, selection, table, candidates,
                                   finished_pairs(table, cfg.refine.reports))
@@ -509,6 +543,12 @@ def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: st
             "stage1.csv", "stage1_epochs.csv", "candidates.json", "stage2.csv",
             "stage2_epochs.csv", "selection.json", "thresholds.yaml")])
         status = "FINISHED"
+    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (`tune.interrupts`)
+        status, signum = "KILLED", getattr(e, "signum", signal.SIGINT)
+        raise interrupts.Interrupted(signum, f"search {cfg.name} interrupted "
+                                     f"({signal.Signals(signum).name}) in {phase}: nothing was "
+                                     f"selected from it; continue it with: wsss-tune search "
+                                     f"--resume {folder}") from None
     finally:
         tracking.finish(uri, parent, status)
     return {"table": table, "candidates": candidates, "selection": selection, "folder": folder,

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
 from tune.progress import pct
@@ -158,9 +158,12 @@ def start_child(uri: str, parent_id: str, stage: int, trial_id: str, bg: float,
                                   f"tags.mlflow.parentRunId = '{parent_id}' and "
                                   f"tags.trial_id = '{trial_id}' and tags.stage = '{stage}'")
     if existing:  # a finished run stays finished (a restored trial may have nothing to do)
-        if existing[0].info.status != "FINISHED":
-            client.update_run(existing[0].info.run_id, status="RUNNING")
-        return existing[0].info.run_id
+        run = existing[0]
+        if run.info.status != "FINISHED":
+            client.update_run(run.info.run_id, status="RUNNING")
+            if "interrupted" in run.data.tags:  # it goes on now
+                client.delete_tag(run.info.run_id, "interrupted")
+        return run.info.run_id
     run = client.create_run(parent.info.experiment_id, run_name=f"bg={bg:g} fg={fg:g}",
                             tags={"mlflow.parentRunId": parent_id, "stage": str(stage),
                                   "trial_id": trial_id,
@@ -189,17 +192,20 @@ def finish(uri: str, run_id: str, status: str = "FINISHED", **tags: str) -> None
     client.set_terminated(run_id, status)
 
 
-def close_children(uri: str, parent_id: str) -> int:
-    """End child runs still RUNNING (trials stopped early by ASHA end without a word): FINISHED
-    with ``stopped_early=true``. Returns how many were closed."""
+def close_children(uri: str, parent_id: str, interrupted: bool = False) -> int:
+    """End child runs still RUNNING: after a stage, trials stopped early by ASHA (they end
+    without a word), FINISHED with ``stopped_early=true``; after an interrupt, the trials it
+    stopped, KILLED with ``interrupted=true`` (``--resume`` reopens them). Returns how many."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     running = client.search_runs([parent.info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent_id}' "
                                  f"and attributes.status = 'RUNNING'")
     for run in running:
-        finish(uri, run.info.run_id, RunStatus.to_string(RunStatus.FINISHED),
-               stopped_early="true")
+        if interrupted:
+            finish(uri, run.info.run_id, "KILLED", interrupted="true")
+        else:
+            finish(uri, run.info.run_id, "FINISHED", stopped_early="true")
     return len(running)
 
 
