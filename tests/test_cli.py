@@ -138,3 +138,13 @@ def test_a_bad_segmentation_encoder_fails_before_stage_0(tmp_path, monkeypatch, 
     assert main(["search", "--config", "ci", "--set", "segmentation.encoder=no_such_net"]) == 2
     assert "segmentation.encoder 'no_such_net'" in capsys.readouterr().err
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs" / "ci").exists()
+
+
+def test_the_stage_1_table_marks_a_failed_trial():
+    from tune.cli import format_stage1
+
+    table = pd.DataFrame({"bg": [0.1, 0.2], "fg": [0.5, 0.6], "training_iteration": [3, 1],
+                          "objective": [0.2, 0.1], "tecm": [0.2, 0.1], "failed": [0, 1]})
+    lines = format_stage1(table).splitlines()
+    assert lines[2].rstrip().endswith("FAILED (not ranked)") and "FAILED" not in lines[1]
+    assert "FAILED" not in format_stage1(table.assign(failed=0))

@@ -305,15 +305,23 @@ def cmd_search(args: argparse.Namespace) -> None:
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri,
                      resume=args.resume is not None)
     table = out["table"]
+    print(f"\nstage 1: {len(table)} trials, objective {cfg.search.objective}")
+    print(format_stage1(table))
+    print_result(cfg, out, time.perf_counter() - start)
+
+
+def format_stage1(table: pd.DataFrame) -> str:
+    """Every stage-1 trial for people: epochs trained, objectives, NPR and PQS; a failed trial
+    is marked (its epochs are those before the error; it is never ranked)."""
     from wsss.objectives import OBJECTIVES
 
     columns = [c for c in ("bg", "fg", "training_iteration", "objective", *OBJECTIVES,
                            "npr_initial", "npr_pseudo", "pqs_initial", "pqs_pseudo")
                if c in table]
-    print(f"\nstage 1: {len(table)} trials, objective {cfg.search.objective}")
-    print(table[columns].rename(columns={"training_iteration": "epochs"})
-          .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print_result(cfg, out, time.perf_counter() - start)
+    shown = table[columns].rename(columns={"training_iteration": "epochs"})
+    if "failed" in table and table["failed"].any():
+        shown[""] = table["failed"].map({1: "FAILED (not ranked)", 0: ""})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
 def _oracle(args: argparse.Namespace) -> list[str]:
@@ -525,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow sets its loggers' level from this variable when it is imported
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights"
     interrupts.install()  # Ctrl-C and SIGTERM: one line and 130 / 143, never a dump
     try:
         COMMANDS[args.command](args)

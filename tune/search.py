@@ -32,6 +32,7 @@ from tune.schedulers import ResumableASHA
 from tune.space import DefineByRun, grid_pairs
 from tune.trainables import restored_trial, stage1, stage2, trial_context
 from wsss.analysis import GROUND_TRUTH_PROXIES, finished_pairs, pick_quality
+from wsss.classifier import create_backbone
 from wsss.errors import UserError
 from wsss.files import atomic_write_bytes, output_folder, write_csv_atomic, write_json_atomic
 from wsss.objectives import OBJECTIVES
@@ -453,12 +454,14 @@ def ray_session(address: str | None, uri: str, parent: str,
     """One stage's Ray session: a local cluster unless ``address`` (or ``RAY_ADDRESS``) names
     one, whose nodes must then all read the ``shared`` folders, find the ``present`` ones and
     reach ``uri`` (checked before any trial starts); afterwards every child run a stopped trial
-    left RUNNING is closed."""
+    left RUNNING is closed, and a local Ray's session folder is removed (kept, and named, when
+    the stage failed)."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # docs/search.md: resume loses no trial
     # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables
     address = cluster.resolve_address(address)
+    session_dir, failed = None, True
     try:
         with interrupts.sheltered():
             if address is None:
@@ -467,16 +470,38 @@ def ray_session(address: str | None, uri: str, parent: str,
                                   ).setLevel(logging.ERROR)
                 # Ray counts the CPUs itself (it honours a container's CPU quota;
                 # os.cpu_count does not); its INFO lines are replaced by our progress lines
-                ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                         ignore_reinit_error=True, logging_level=logging.WARNING)
+                context = ray.init(address="local", include_dashboard=False,
+                                   log_to_driver=False, ignore_reinit_error=True,
+                                   logging_level=logging.WARNING)
+                session_dir = context.address_info.get("session_dir")
             else:
                 cluster.connect(address)
         if address is not None:
             cluster.check_cluster(shared or {}, uri, present=present)
         yield
+        failed = False
+    except KeyboardInterrupt:
+        failed = False  # nothing in Ray's logs explains an interrupt
+        raise
     finally:
         ray.shutdown()
         tracking.close_children(uri, parent, interrupted=interrupts.received() is not None)
+        if session_dir and not failed:  # a local Ray's logs (tens of MB a search) go with it
+            shutil.rmtree(session_dir, ignore_errors=True)
+        elif session_dir:
+            log.warning("Ray's logs of this failed stage are kept in %s", session_dir)
+
+
+def check_models(cfg: Config) -> None:
+    """Build every model a weights file or a model name is given for, so that a wrong name or
+    file fails now, not after stage 0 or 1 has trained something."""
+    if cfg.import_cams is None:  # else no classifier is trained
+        cfg.classifier.backbone()
+    if cfg.trial.backbone is not None and cfg.trial.backbone_weights is not None:
+        create_backbone(cfg.trial.backbone, cfg.trial.output_stride, cfg.trial.backbone_weights,
+                        keys=("trial.backbone", "trial.backbone_weights"))
+    if cfg.search.stage2:
+        build_model(cfg.segmentation, num_classes=2)  # the class count does not matter here
 
 
 def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | None = None,
@@ -490,8 +515,7 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
         ray.shutdown()
     cfg.refine.check_available()  # a missing optional package fails now, not in every trial
     output_folder(cfg.runtime.runs_root, "runtime.runs_root")  # writable, before any work
-    if cfg.search.stage2:  # a wrong encoder or weights file fails now, not after stage 0 or 1
-        build_model(cfg.segmentation, num_classes=2)  # the class count does not matter here
+    check_models(cfg)
     folder = search_folder(cfg)
     if resume:  # a wrong folder fails here, before anything is created in it
         tracking.check_reachable(load_state(folder)["tracking_uri"])
@@ -543,6 +567,10 @@ def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: st
             "stage1.csv", "stage1_epochs.csv", "candidates.json", "stage2.csv",
             "stage2_epochs.csv", "selection.json", "thresholds.yaml")])
         status = "FINISHED"
+    except UserError:
+        if phase == "stage 0" and not resume:  # no trial ran: the corrected command, not a
+            (folder / STATE_FILE).unlink()     # resume of this bad config, starts afresh
+        raise
     except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (`tune.interrupts`)
         status, signum = "KILLED", getattr(e, "signum", signal.SIGINT)
         raise interrupts.Interrupted(signum, f"search {cfg.name} interrupted "

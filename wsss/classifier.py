@@ -38,17 +38,23 @@ def create_backbone(model: str, output_stride: int, weights: Path | None = None,
     """A timm feature extractor (all levels); weights only from a local file. ``keys`` are the
     caller's config keys of the model and the weights, named in errors."""
     kwargs: dict = {"features_only": True, "output_stride": output_stride}
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise UserError(f"{keys[1]}: file {weights} not found")
-        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}}
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"{keys[1]}: file {weights} not found")
     try:
-        return timm.create_model(model, **kwargs)
+        built = timm.create_model(model, **kwargs)
     except RuntimeError as e:  # timm's "Unknown model" / unsupported output_stride
         raise UserError(f"{keys[0]} {model!r}: {e}") from None
     except (TypeError, AssertionError) as e:
         raise UserError(f"{keys[0]} {model!r} does not support output_stride="
                         f"{output_stride} as a feature extractor: {e}") from None
+    if weights is None:
+        return built
+    try:  # the model is known now: whatever fails here is the file's fault
+        return timm.create_model(model, **kwargs, pretrained=True,
+                                 pretrained_cfg_overlay={"file": str(weights)})
+    except Exception as e:  # torch.load and timm raise many kinds for a file of other weights
+        raise UserError(f"{keys[1]} {weights}: not weights of {keys[0]} {model!r} "
+                        f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
 class CamClassifier(nn.Module):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from wsss.cam import CamSpec, extract_cams, strided_size
@@ -59,6 +59,14 @@ class TrialSpec(Spec):
     output_stride: Literal[8, 16, 32] = 16
     levels: list[int] | None = Field(
         None, description="backbone feature levels used; None = all at the CAM stride or coarser")
+
+    @model_validator(mode="after")
+    def _weights_name_their_model(self) -> TrialSpec:
+        if self.backbone_weights is not None and self.backbone is None:
+            raise ValueError("backbone_weights is set but backbone is not: name the timm model "
+                             "they belong to (without backbone, the features come from the "
+                             "trained classifier)")
+        return self
 
 
 def digest(*parts: Any) -> str:
@@ -124,6 +132,8 @@ def _classifier(spec: ClassifierSpec, train: SegDataset, val: SegDataset | None,
         log.debug("classifier: cached at %s", folder)
         return path, json.loads(stats_path.read_text())
     _not_built("classifier", folder, build)
+    for split in (train, val) if val is not None else (train,):
+        split.check()  # a bad file fails now, not after the classifier has trained
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)  # the initial weights too: the same config trains the same model
     model = CamClassifier(spec.backbone(), train.num_classes - 1)
