@@ -49,8 +49,9 @@ def _search(data: Path, tmp_path: Path, *sets: str) -> list[str]:
 
 def _fails(args: list[str], capsys, *expected: str) -> str:
     assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("wsss-tune: error: ") and "Traceback" not in err, err
+    output = capsys.readouterr().err.strip()
+    err = output.splitlines()[-1]  # before it, at most log lines of libraries imported earlier
+    assert err.startswith("wsss-tune: error: ") and "Traceback" not in output, output
     for text in expected:
         assert text in err, err
     return err

@@ -532,7 +532,7 @@ def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: st
     uri, parent = state["tracking_uri"], state["parent_run_id"]
     if resume:
         tracking.reopen(uri, parent)
-    status, phase = "FAILED", "stage 0"
+    status, phase, selection = "FAILED", "stage 0", None
     try:
         if cfg.runtime.progress:
             say(f"stage 0: data, classifier, CAMs and frozen features (cached in "
@@ -573,10 +573,12 @@ def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: st
         raise
     except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (`tune.interrupts`)
         status, signum = "KILLED", getattr(e, "signum", signal.SIGINT)
+        done = ("its pair is selected (selection.json), its report and MLflow records are not "
+                "finished" if selection is not None else "nothing was selected from it")
         raise interrupts.Interrupted(signum, f"search {cfg.name} interrupted "
-                                     f"({signal.Signals(signum).name}) in {phase}: nothing was "
-                                     f"selected from it; continue it with: wsss-tune search "
-                                     f"--resume {folder}") from None
+                                     f"({signal.Signals(signum).name}) in {phase}: {done}; "
+                                     f"continue it with: wsss-tune search --resume "
+                                     f"{folder}") from None
     finally:
         tracking.finish(uri, parent, status)
     return {"table": table, "candidates": candidates, "selection": selection, "folder": folder,
