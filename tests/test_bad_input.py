@@ -50,8 +50,9 @@ def _search(data: Path, tmp_path: Path, *sets: str) -> list[str]:
 def _fails(args: list[str], capsys, *expected: str) -> str:
     assert main(args) == 2
     output = capsys.readouterr().err.strip()
-    err = output.splitlines()[-1]  # before it, at most log lines of libraries imported earlier
-    assert err.startswith("wsss-tune: error: ") and "Traceback" not in output, output
+    assert "wsss-tune: error: " in output and "Traceback" not in output, output
+    err = output[output.index("wsss-tune: error: "):]  # before it, at most library log lines
+    assert err.count("\n") == 0 or err.startswith("wsss-tune: error: invalid config"), err
     for text in expected:
         assert text in err, err
     return err
