@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
@@ -26,6 +28,7 @@ from wsss.errors import UserError
 if TYPE_CHECKING:
     from tune.config import Config, SearchConfig
     from wsss.data import SegDataset
+    from wsss.stage0 import Prepared
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -118,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--pair", type=_pair, metavar="BG,FG")
 
+    p = sub.add_parser("gc", help="remove the stores and checkpoints no search of a runs root "
+                                  "refers to, and what killed runs left behind")
+    p.add_argument("runs_root", type=Path, nargs="?", default=Path("runs"), metavar="RUNS_ROOT",
+                   help="the runtime.runs_root to collect (default: runs)")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+
     p = sub.add_parser("import-cams", help="import IRN / PuzzleCAM CAM .npy files into a CAM "
                                            "store that the later stages read")
     p.add_argument("--format", required=True, choices=["irn", "puzzlecam"])
@@ -202,12 +211,14 @@ def format_surface(surface: pd.DataFrame) -> str:
     return table.to_string(index=False)
 
 
-def _prepare(args: argparse.Namespace, features: bool):
-    """Load the config and run stage 0 (cached): the shared start of surface and trial
-    (``features``: the trial's, whose refiner's optional packages are checked first)."""
+@contextmanager
+def _prepared(args: argparse.Namespace, features: bool) -> Iterator[tuple[Config, Prepared]]:
+    """Load the config and run stage 0 (cached), holding its stores while the block runs: the
+    shared start of surface and trial (``features``: the trial's, whose refiner's optional
+    packages are checked first)."""
     import torch
 
-    from tune.config import load_config, stage0
+    from tune.config import load_config, stage0, stores_in_use
     from wsss.files import output_folder
 
     cfg = load_config(args.config, args.overrides)
@@ -216,7 +227,8 @@ def _prepare(args: argparse.Namespace, features: bool):
     output_folder(cfg.runtime.runs_root, "runtime.runs_root")  # writable, before any work
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
-    return cfg, stage0(cfg, features)
+    with stores_in_use(cfg.runtime.runs_root):
+        yield cfg, stage0(cfg, features)
 
 
 def cmd_surface(args: argparse.Namespace) -> None:
@@ -225,10 +237,10 @@ def cmd_surface(args: argparse.Namespace) -> None:
     from wsss.stage0 import initial_surface
 
     start = time.perf_counter()
-    cfg, prepared = _prepare(args, features=False)
-    t_prepare = time.perf_counter() - start
-    pairs = grid_pairs(cfg.surface.space, cfg.surface.pairs)
-    surface = initial_surface(prepared, pairs, cfg.data.eval_subset, cfg.runtime.progress)
+    with _prepared(args, features=False) as (cfg, prepared):
+        t_prepare = time.perf_counter() - start
+        pairs = grid_pairs(cfg.surface.space, cfg.surface.pairs)
+        surface = initial_surface(prepared, pairs, cfg.data.eval_subset, cfg.runtime.progress)
     t_surface = time.perf_counter() - start - t_prepare
     out = args.out or cfg.runtime.runs_root / cfg.name / "surface_initial.csv"
     write_csv_atomic(surface, out)
@@ -256,26 +268,27 @@ def cmd_trial(args: argparse.Namespace) -> None:
     if args.export_labels:
         output_folder(args.export_labels, "--export-labels")  # before stage 0 and the trial
     start = time.perf_counter()
-    cfg, prepared = _prepare(args, features=True)
-    t_prepare = time.perf_counter() - start
-    trial = Trial(prepared, cfg.trial, cfg.refine, args.bg, args.fg, device=cfg.runtime.device)
-    rows = []
-    for metrics in run_trial(trial):
-        rows.append(metrics)
-        pqs = (f", PQS {metrics['pqs_initial']:.2%} -> {metrics['pqs_pseudo']:.2%}"
-               if "pqs_pseudo" in metrics else "")  # ground truth: validation only
-        step = f"epoch {metrics['epoch']}" if trial.refiner.epochs else "refined"
-        print(f"{step}: TECM {metrics['tecm']:.4f}{pqs}", flush=True)
-    table = pd.DataFrame(rows)
-    table = table[[c for c in TRIAL_COLUMNS if c in table]]
-    print(f"\ntrial (BG, FG) = ({args.bg}, {args.fg}), refiner {cfg.refine.method}, on "
-          f"{len(trial.images)} train images"
-          f"{' (degenerate: no neutral pixel)' if rows[-1]['degenerate'] else ''}")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if args.export_labels:
-        n = export_labels(trial.pseudo_labels(), args.export_labels)
-        print(f"wrote {n} pseudo-label PNGs to {args.export_labels}")
-    print(f"prepare {t_prepare:.1f} s, trial {time.perf_counter() - start - t_prepare:.1f} s")
+    with _prepared(args, features=True) as (cfg, prepared):
+        t_prepare = time.perf_counter() - start
+        trial = Trial(prepared, cfg.trial, cfg.refine, args.bg, args.fg,
+                      device=cfg.runtime.device)
+        rows = []
+        for metrics in run_trial(trial):
+            rows.append(metrics)
+            pqs = (f", PQS {metrics['pqs_initial']:.2%} -> {metrics['pqs_pseudo']:.2%}"
+                   if "pqs_pseudo" in metrics else "")  # ground truth: validation only
+            step = f"epoch {metrics['epoch']}" if trial.refiner.epochs else "refined"
+            print(f"{step}: TECM {metrics['tecm']:.4f}{pqs}", flush=True)
+        table = pd.DataFrame(rows)
+        table = table[[c for c in TRIAL_COLUMNS if c in table]]
+        print(f"\ntrial (BG, FG) = ({args.bg}, {args.fg}), refiner {cfg.refine.method}, on "
+              f"{len(trial.images)} train images"
+              f"{' (degenerate: no neutral pixel)' if rows[-1]['degenerate'] else ''}")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if args.export_labels:
+            n = export_labels(trial.pseudo_labels(), args.export_labels)
+            print(f"wrote {n} pseudo-label PNGs to {args.export_labels}")
+        print(f"prepare {t_prepare:.1f} s, trial {time.perf_counter() - start - t_prepare:.1f} s")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -487,6 +500,33 @@ def cmd_export_labels(args: argparse.Namespace) -> None:
     print(f"wrote {n} pseudo-label PNGs of (BG, FG) = ({bg:g}, {fg:g}) to {args.out}")
 
 
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def counted(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('h') else 's'}"
+
+
+def cmd_gc(args: argparse.Namespace) -> None:
+    from tune.cleanup import collect
+
+    found = collect(args.runs_root, args.dry_run)
+    root = args.runs_root
+    for g in found.garbage:
+        print(f"{megabytes(g.size):>12}  {g.path.relative_to(root)}  ({g.why})")
+    total = sum(g.size for g in found.garbage)
+    done = "would free" if args.dry_run else "freed"
+    print(f"{done} {megabytes(total)} in {counted(len(found.garbage), 'item')} of {root}; "
+          f"kept {counted(len(found.kept_stores), 'store')} of "
+          f"{counted(len(found.searches), 'search')}"
+          + (" (dry run: nothing removed)" if args.dry_run else ""))
+    if found.unknown:
+        print("kept every store: " + ", ".join(map(str, found.unknown)) + " do not record "
+              "which stores they use (made by an older wsss-tune): delete those searches to "
+              "collect the stores")
+
+
 def _dataset(args: argparse.Namespace) -> SegDataset:
     from wsss.data import SegDataset
 
@@ -522,7 +562,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface, "trial": cmd_trial,
             "search": cmd_search, "demo": cmd_demo, "select": cmd_select, "report": cmd_report,
             "analyze": cmd_analyze, "export-labels": cmd_export_labels,
-            "import-cams": cmd_import_cams, "evaluate": cmd_evaluate}
+            "import-cams": cmd_import_cams, "evaluate": cmd_evaluate, "gc": cmd_gc}
 
 
 def main(argv: list[str] | None = None) -> int:

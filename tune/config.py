@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from tune import locking
 from tune.space import SamplerBounds, Space
 from wsss.cam import CamSpec
 from wsss.classifier import ClassifierSpec
@@ -223,3 +225,13 @@ def stage0(cfg: Config, features: bool = True) -> Prepared:
                    trial=cfg.trial, features=features and cfg.refine.needs_features,
                    imported=cfg.import_cams, device=cfg.runtime.device,
                    progress=cfg.runtime.progress)
+
+
+STORES_LOCK = ".stores.lock"
+
+
+def stores_in_use(runs_root: Path) -> AbstractContextManager[None]:
+    """Held (shared) by every command that builds or reads a runs root's stores while it runs,
+    so that ``wsss-tune gc`` (which holds it exclusively) never removes a store in use; a
+    command started during a collection waits for it to end."""
+    return locking.held(runs_root / STORES_LOCK, shared=True)

@@ -26,7 +26,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from tune import cluster, interrupts, locking, tracking
-from tune.config import Config, SearchConfig, stage0
+from tune.config import Config, SearchConfig, stage0, stores_in_use
 from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.schedulers import ResumableASHA
 from tune.space import DefineByRun, grid_pairs
@@ -386,11 +386,13 @@ def export_run_labels(folder: Path, out: Path,
         searched = ", ".join(f"{r.bg:g},{r.fg:g}" for r in table.itertuples())
         raise UserError(f"pair {pair[0]:g},{pair[1]:g} has no stage-1 trial in {folder}; "
                         f"searched pairs: {searched}")
-    prepared = stage0(cfg).whole_split(cfg.trial, cfg.refine.needs_features, cfg.runtime.device)
-    trial = restored_trial(prepared, (cfg.trial, cfg.refine), pair[0], pair[1],
-                           Path(match.iloc[0].checkpoint), cfg.search.rank_epoch,
-                           cfg.runtime.device)
-    return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
+    with stores_in_use(cfg.runtime.runs_root):
+        prepared = stage0(cfg).whole_split(cfg.trial, cfg.refine.needs_features,
+                                           cfg.runtime.device)
+        trial = restored_trial(prepared, (cfg.trial, cfg.refine), pair[0], pair[1],
+                               Path(match.iloc[0].checkpoint), cfg.search.rank_epoch,
+                               cfg.runtime.device)
+        return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
 
 
 def search_folder(cfg: Config) -> Path:
@@ -522,7 +524,8 @@ def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | N
     else:
         tracking.check_reachable(tracking_uri or "")
         folder.mkdir(parents=True, exist_ok=True)
-    with locking.held(folder / LOCK_FILE, f"search folder {folder}"):
+    with (stores_in_use(cfg.runtime.runs_root),
+          locking.held(folder / LOCK_FILE, f"search folder {folder}")):
         return _run_search(cfg, folder, address, tracking_uri, resume)
 
 
@@ -538,6 +541,8 @@ def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: st
             say(f"stage 0: data, classifier, CAMs and frozen features (cached in "
                 f"{cfg.runtime.runs_root / 'stores'})")
         prepared = stage0(cfg)
+        state["stores"] = sorted(p.name for p in prepared.cached)  # what `wsss-tune gc` keeps
+        write_json_atomic(folder / STATE_FILE, state)
         phase = "stage 1"
         with ray_session(address, uri, parent, *_folders(cfg, folder)):
             table, curves = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)

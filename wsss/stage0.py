@@ -99,6 +99,17 @@ class Prepared:
         return cls(train=train, val=None, classifier_path=classifier_path, cams=CamStore(cams),
                    features=store, trial_ids=ids)
 
+    @property
+    def cached(self) -> list[Path]:
+        """The cached folders it was built from (classifier, CAM store, feature store): what
+        a search refers to, so that garbage collection keeps them."""
+        found = [self.cams.path]
+        if self.classifier_path is not None:
+            found.append(self.classifier_path.parent)
+        if isinstance(self.features, FeatureStore):
+            found.append(self.features.path)
+        return found
+
     def whole_split(self, trial: TrialSpec, features: bool, device: str = "auto") -> Prepared:
         """The same inputs over every train image, their frozen features (``features``)
         computed on demand (`LiveFeatures`): what stage 2 and label export need, without a

@@ -37,17 +37,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_orphans(folder: Path) -> list[Path]:
-    """Remove the half-written (``.<name>.tmp-<pid>``) and replaced (``.<name>.old-<pid>``)
-    store folders whose writer is dead: what a stage 0 killed mid-write leaves behind. Writers
-    run on the search driver's machine, so the pid check is local."""
-    removed = []
-    for d in folder.glob(".*-*"):
+def orphans(folder: Path) -> list[Path]:
+    """The half-written (``.<name>.tmp-<pid>``) and replaced (``.<name>.old-<pid>``) store
+    folders whose writer is dead: what a stage 0 killed mid-write leaves behind. Writers run on
+    the search driver's machine, so the pid check is local."""
+    found = []
+    for d in sorted(folder.glob(".*-*")):
         kind, _, pid = d.name.rpartition("-")
         ours = kind.endswith((".tmp", ".old")) and pid.isdigit()
         if ours and d.is_dir() and not _alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
+            found.append(d)
+    return found
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove `orphans` (the next store written beside them cleans up after a killed one)."""
+    removed = orphans(folder)
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
     return removed
 
 
