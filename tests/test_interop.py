@@ -107,6 +107,11 @@ def test_refuses_pickles_unless_allowed(tmp_path, data):
     with pytest.raises(UserError, match="pickled.*runs code.*--allow-pickle"):
         import_cams("irn", tmp_path / "cams", data, tmp_path / "store", allow_pickle=False)
     assert not (tmp_path / "store").exists()
+    for i in range(len(data)):  # plain arrays, no pickle: the files are wrong, not unsafe
+        np.save(tmp_path / "cams" / f"{data.ids[i]}.npy", np.zeros((2, 8, 8), np.float32))
+    with pytest.raises(DataError, match=r"expected a dict saved with np.save .*found an array "
+                                        r"of shape \(2, 8, 8\), dtype float32"):
+        import_cams("irn", tmp_path / "cams", data, tmp_path / "store", allow_pickle=False)
 
 
 def test_current_store_is_reused_and_a_changed_file_rebuilds_it(tmp_path, data, monkeypatch):

@@ -118,9 +118,9 @@ def _statuses(folder: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_signals_and_kills_at_every_stage_then_resume_as_if_never_stopped(ci_config, ci_prepared,
                                                                           tmp_path):
-    """The same ASHA search, uninterrupted and then stopped four times: SIGKILL right after
+    """The same ASHA search, uninterrupted and then stopped five times: SIGKILL right after
     Tune wrote tuner.pkl, Ctrl-C (SIGINT to the process group) as stage 0 / Ray start, SIGTERM
-    to the group in stage 1, SIGINT in stage 2; each resumed. Stage 1 ends with the same epochs
+    to the group in stage 1, SIGINT in stage 2 and after selection; each resumed. Stage 1 ends with the same epochs
     and objectives (ASHA decided alike) and the same pair is selected."""
     from tune.cli import main
 
@@ -160,6 +160,14 @@ def test_signals_and_kills_at_every_stage_then_resume_as_if_never_stopped(ci_con
         assert not (folder / "thresholds.yaml").exists()
         statuses = _statuses(folder)
         assert "RUNNING" not in statuses.values() and statuses["parent"] == "KILLED", statuses
+    # after selection (while the report is written): the pair is chosen, the rest is said
+    code, out = _signal_when(resume, tmp_path, lambda text: "writing the report" in text,
+                             signal.SIGINT)
+    last = out.strip().splitlines()[-1]
+    assert code == 130 and last.startswith("wsss-tune: search paused interrupted (SIGINT) in "
+                                           "selection: its pair is selected"), out
+    assert last.endswith(f"continue it with: wsss-tune search --resume {folder}")
+    assert (folder / "selection.json").exists() and _statuses(folder)["parent"] == "KILLED"
     assert main(resume) == 0
     statuses = _statuses(folder)
     assert set(statuses.values()) == {"FINISHED"}, statuses

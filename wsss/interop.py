@@ -75,6 +75,21 @@ def _as_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _refuse_pickles(path: Path, cam_dir: Path) -> None:
+    """Without ``allow_pickle`` nothing is imported: say whether that is why (the files are
+    pickles, as the references write them) or the files are not CAM dicts at all."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError:  # numpy's refusal to unpickle
+        raise UserError(f"the CAM files in {cam_dir} are pickled dicts, and loading them runs "
+                        "code stored in them; pass --allow-pickle (allow_pickle=True) only if "
+                        "they are your own files") from None
+    except OSError as e:
+        raise DataError(f"cannot read CAM file {path}: {e}") from None
+    raise DataError(f"CAM file {path}: expected a dict saved with np.save (keys and CAMs), "
+                    f"found an array of shape {loaded.shape}, dtype {loaded.dtype}")
+
+
 def _parse(path: Path, raw: bytes, fmt: str, resolution: str) -> tuple[np.ndarray, np.ndarray]:
     """One file's bytes -> (sorted 1-based foreground ids, float32 CAMs ``[K, h, w]`` in that
     order). Checks the file on its own; `_check_against` compares it with the dataset."""
@@ -170,11 +185,9 @@ def import_cams(fmt: Format, cam_dir: str | Path, data: SegDataset, out: str | P
     _check_choice("format", fmt, get_args(Format))
     _check_choice("resolution", resolution, get_args(Resolution))
     cam_dir = Path(cam_dir).resolve()
-    if not allow_pickle:
-        raise UserError(f"the CAM files in {cam_dir} are pickled dicts, and loading them runs "
-                        "code stored in them; pass --allow-pickle (allow_pickle=True) only if "
-                        "they are your own files")
     paths = _missing_files(cam_dir, data, ".npy", "CAM file")
+    if not allow_pickle:
+        _refuse_pickles(paths[0], cam_dir)
     digests = [hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() for path in paths]
     files = hashlib.blake2b("\n".join(f"{i} {h}" for i, h in zip(data.ids, digests)).encode(),
                             digest_size=16).hexdigest()
