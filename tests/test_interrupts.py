@@ -120,8 +120,9 @@ def test_signals_and_kills_at_every_stage_then_resume_as_if_never_stopped(ci_con
                                                                           tmp_path):
     """The same ASHA search, uninterrupted and then stopped five times: SIGKILL right after
     Tune wrote tuner.pkl, Ctrl-C (SIGINT to the process group) as stage 0 / Ray start, SIGTERM
-    to the group in stage 1, SIGINT in stage 2 and after selection; each resumed. Stage 1 ends with the same epochs
-    and objectives (ASHA decided alike) and the same pair is selected."""
+    to the group in stage 1, SIGINT in stage 2 and after selection; each resumed. Stage 1
+    ends with the same epochs and objectives (ASHA decided alike) and the same pair is
+    selected."""
     from tune.cli import main
 
     runs = tmp_path / "runs"
