@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tune_overhead.py
 	$(BIN)/python benchmarks/search_efficiency.py
 	$(BIN)/python benchmarks/correlate.py
+	$(BIN)/python benchmarks/load.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .hypothesis
