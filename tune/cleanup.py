@@ -14,8 +14,6 @@ or another command uses the runs root, and commands started meanwhile wait for i
 from __future__ import annotations
 
 import json
-import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +24,7 @@ from tune import locking
 from tune.config import STORES_LOCK
 from tune.search import LOCK_FILE, STATE_FILE
 from wsss.errors import UserError
-from wsss.store import orphans
-
-log = logging.getLogger("tune")
+from wsss.store import orphans, remove_store
 
 
 @dataclass(frozen=True)
@@ -82,8 +78,7 @@ def survey(runs_root: Path) -> Collection:
             used.update(state["stores"])
         elif (folder / "stage1").exists():  # past stage 0 without saying which stores
             unknown.append(folder)
-        finished = (folder / "selection.json").is_file()
-        if finished:
+        if (folder / "selection.json").is_file():  # finished: its tables name what it uses
             garbage += [Garbage(c, size_of(c), "an older checkpoint of a finished trial")
                         for c in (_checkpoints(folder, "stage1", "stage1.csv", "checkpoint")
                                   + _checkpoints(folder, "stage2", "stage2.csv",
@@ -91,10 +86,10 @@ def survey(runs_root: Path) -> Collection:
         garbage += [Garbage(f, size_of(f), "a write killed before its rename")
                     for f in _temporary_files(folder)]
     stores = runs_root / "stores"
-    present = sorted(d for d in stores.iterdir() if d.is_dir()) if stores.is_dir() else []
-    left = set(orphans(stores)) if stores.is_dir() else set()
-    garbage += [Garbage(d, size_of(d), "left by a stage 0 that was killed") for d in sorted(left)]
-    candidates = [d for d in present if d not in left and not d.name.startswith(".")]
+    garbage += [Garbage(d, size_of(d), "left by a stage 0 that was killed")
+                for d in orphans(stores)]  # none when there is no stores folder
+    candidates = sorted(d for d in (stores.iterdir() if stores.is_dir() else ())
+                        if d.is_dir() and not d.name.startswith("."))
     if unknown:
         kept = [d.name for d in candidates]
     else:
@@ -115,7 +110,7 @@ def collect(runs_root: Path, dry_run: bool = False) -> Collection:
             found = survey(runs_root)
             if not dry_run:
                 for g in found.garbage:
-                    _remove(g.path, aside=g.path.parent.name == "stores")
+                    _remove(g.path)
             return found
     except locking.Busy:
         _refuse_running(runs_root)
@@ -133,15 +128,10 @@ def _refuse_running(runs_root: Path) -> None:
                         f"{', '.join(running)}: run gc when it has ended")
 
 
-def _remove(path: Path, aside: bool) -> None:
-    """Remove a file or folder; with ``aside`` a folder is first renamed as a replaced store
-    (`wsss.store.orphans`), so that a collection killed midway never leaves a half-removed
-    store under its real name."""
-    if not path.is_dir() or path.is_symlink():
+def _remove(path: Path) -> None:
+    if path.parent.name == "stores" and not path.name.startswith("."):
+        remove_store(path)
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
         path.unlink()
-        return
-    if aside:
-        moved = path.with_name(f".{path.name.lstrip('.')}.old-{os.getpid()}")
-        os.replace(path, moved)
-        path = moved
-    shutil.rmtree(path)

@@ -50,6 +50,19 @@ def orphans(folder: Path) -> list[Path]:
     return found
 
 
+def _aside(path: Path) -> Path:
+    """Where a store goes while it is deleted: a name `orphans` recognises once we are dead."""
+    return path.with_name(f".{path.name}.old-{os.getpid()}")
+
+
+def remove_store(path: Path) -> None:
+    """Delete a store; renamed aside first, so that a removal killed midway leaves no damaged
+    store under the name a search would open (`orphans` finds the rest)."""
+    moved = _aside(path)
+    os.replace(path, moved)
+    shutil.rmtree(moved)
+
+
 def remove_orphans(folder: Path) -> list[Path]:
     """Remove `orphans` (the next store written beside them cleans up after a killed one)."""
     removed = orphans(folder)
@@ -125,7 +138,7 @@ class RaggedStore:
                  "meta": meta or {}}
         write_json_atomic(tmp / "index.json", index)
         write_json_atomic(tmp / "manifest.json", {**manifest, "version": STORE_VERSION})
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = _aside(path)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
