@@ -23,13 +23,11 @@ from sklearn.metrics import average_precision_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from wsss.augment import IMAGENET_MEAN, IMAGENET_STD, augment
 from wsss.data import SegDataset
 from wsss.errors import UserError
 from wsss.files import atomic_write_bytes
 from wsss.spec import Spec
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def create_backbone(model: str, output_stride: int, weights: Path | None = None, *,
@@ -125,30 +123,10 @@ class _ClassificationSet(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img = torch.from_numpy(self.data.image(i))
-        if self.spec is not None:
-            img = _augment(img, self.spec)
+        if self.spec is not None:  # global random state: train_classifier's seed (per worker)
+            img, _ = augment(img, crop_size=self.spec.crop_size, hflip=self.spec.hflip,
+                             scale_range=self.spec.scale_range)
         return img, torch.from_numpy(self.labels[i])
-
-
-def _augment(img: torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
-    lo, hi = spec.scale_range
-    if (lo, hi) != (1.0, 1.0):
-        s = float(torch.empty(()).uniform_(lo, hi))
-        h, w = img.shape[:2]
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        img = F.interpolate(img.permute(2, 0, 1)[None].float(), size=size, mode="bilinear",
-                            align_corners=False)[0].round().clamp(0, 255).byte().permute(1, 2, 0)
-    if spec.hflip and bool(torch.rand(()) < 0.5):
-        img = img.flip(1)
-    if spec.crop_size is not None:
-        c = spec.crop_size
-        h, w = img.shape[:2]
-        canvas = torch.zeros((max(h, c), max(w, c), 3), dtype=torch.uint8)
-        canvas[:h, :w] = img
-        top = int(torch.randint(0, canvas.shape[0] - c + 1, ()))
-        left = int(torch.randint(0, canvas.shape[1] - c + 1, ()))
-        img = canvas[top:top + c, left:left + c]
-    return img
 
 
 def _loader(data: SegDataset, spec: ClassifierSpec, labels: np.ndarray, train: bool) -> DataLoader:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from wsss.classifier import IMAGENET_MEAN, normalise_images
+from wsss.augment import augment
+from wsss.classifier import normalise_images
 from wsss.data import IGNORE, SegDataset
 from wsss.devices import resolve_device
 from wsss.errors import UserError
@@ -33,9 +34,6 @@ from wsss.spec import Spec
 
 Labels = Callable[[int], np.ndarray] | Sequence[np.ndarray]
 OnEpoch = Callable[[int, dict[str, float], dict[str, Any]], None]
-
-# Crop padding: the mean colour normalises to ~0, so padded pixels look like "no signal".
-_PAD_COLOUR = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8)
 
 
 class SegmentationSpec(Spec):
@@ -152,19 +150,7 @@ def _sample(data: SegDataset, label: Callable[[int], np.ndarray], i: int, spec: 
         raise ValueError(f"label map of image {data.ids[i]} has ids outside "
                          f"0..{data.num_classes - 1} and {IGNORE}")
     target = torch.from_numpy(target.astype(np.uint8))
-    if spec.hflip and bool(torch.rand((), generator=g) < 0.5):
-        image, target = image.flip(1), target.flip(1)
-    if spec.crop_size is not None:
-        c = spec.crop_size
-        h, w = target.shape
-        canvas = _PAD_COLOUR.expand(max(h, c), max(w, c), 3).clone()
-        canvas_target = torch.full(canvas.shape[:2], IGNORE, dtype=torch.uint8)
-        canvas[:h, :w], canvas_target[:h, :w] = image, target
-        top = int(torch.randint(0, canvas.shape[0] - c + 1, (), generator=g))
-        left = int(torch.randint(0, canvas.shape[1] - c + 1, (), generator=g))
-        image = canvas[top:top + c, left:left + c]
-        target = canvas_target[top:top + c, left:left + c]
-    return image, target
+    return augment(image, target, crop_size=spec.crop_size, hflip=spec.hflip, generator=g)
 
 
 def _size_batches(sizes: Sequence[tuple[int, int]], batch_size: int,
