@@ -5,7 +5,6 @@ folder with stage 2 removed, and hand-made folders for the cases a tiny search c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -56,20 +55,9 @@ def read_page(index: Path) -> Page:
 
 
 @pytest.fixture(scope="module")
-def search_folder(ci_config, ci_prepared, tmp_path_factory) -> Path:
-    """A real two-stage search on the CI config (stage 0 shared with the session: cached)."""
-    from tune.cli import main
-
-    runs = tmp_path_factory.mktemp("report") / "runs"
-    runs.mkdir()
-    os.symlink(ci_config.runtime.runs_root / "stores", runs / "stores")
-    assert main(["search", "--config", "ci", "--space", "pairs",
-                 "--set", "search.pairs=[[0.1, 0.35], [0.2, 0.45], [0.3, 0.3], [0.25, 0.5]]",
-                 "--set", "refine.irn.epochs=2", "--set", "trial.subset=40",
-                 "--set", "search.top_k=2", "--set", "segmentation.epochs=2",
-                 "--set", f"runtime.runs_root={runs}",
-                 "--set", f"data.root={ci_config.data.root}"]) == 0
-    return runs / "ci"
+def search_folder(finished_search) -> Path:
+    """The session's real two-stage search (conftest: shared with test_predict)."""
+    return finished_search
 
 
 @pytest.mark.slow

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True,
                    help="YAML file, or the name of a packaged config (demo, ci, voc_paper)")
+    _set_arg(p)
+
+
+def _set_arg(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE``: the one definition of the config override every config-loading
+    command (surface, trial, search, demo) takes."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set classifier.epochs=3 (repeatable)")
 
@@ -74,8 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="your VOC-layout dataset (sets data.root, drops data.synthetic)")
     p.add_argument("--space", choices=list(get_args(Space)),
                    help="search space (sets search.space)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    _set_arg(p)
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue a killed search from its folder (its saved config is used)")
     _oracle_arg(p)
@@ -87,8 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="demo",
                    help="packaged config or YAML file (default demo; demo_hard: the harder "
                         "synthetic data)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a demo config value (repeatable)")
+    _set_arg(p)
     _oracle_arg(p)
     _cluster_args(p)
 
@@ -120,6 +124,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--pair", type=_pair, metavar="BG,FG")
+
+    p = sub.add_parser("predict", help="segment a folder of images with a finished search's "
+                                       "DeepLabv3+ (the selected pair's by default) into VOC "
+                                       "palette PNGs")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--images", required=True, type=Path, metavar="DIR",
+                   help="folder of .jpg / .jpeg / .png images")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="folder for the <stem>.png label maps (created)")
+    p.add_argument("--pair", type=_pair, metavar="BG,FG",
+                   help="another pair stage 2 trained (default: the selected one)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when present (default)")
 
     p = sub.add_parser("gc", help="remove the stores and checkpoints no search of a runs root "
                                   "refers to, and what killed runs left behind")
@@ -500,6 +517,14 @@ def cmd_export_labels(args: argparse.Namespace) -> None:
     print(f"wrote {n} pseudo-label PNGs of (BG, FG) = ({bg:g}, {fg:g}) to {args.out}")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from tune.predict import predict_folder
+
+    n, bg, fg = predict_folder(args.run_dir, args.images, args.out, args.pair, args.device)
+    print(f"wrote {n} label PNGs predicted by the DeepLabv3+ of (BG, FG) = ({bg:g}, {fg:g}) "
+          f"to {args.out}")
+
+
 def megabytes(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -561,7 +586,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 COMMANDS = {"make-data": cmd_make_data, "surface": cmd_surface, "trial": cmd_trial,
             "search": cmd_search, "demo": cmd_demo, "select": cmd_select, "report": cmd_report,
-            "analyze": cmd_analyze, "export-labels": cmd_export_labels,
+            "analyze": cmd_analyze, "export-labels": cmd_export_labels, "predict": cmd_predict,
             "import-cams": cmd_import_cams, "evaluate": cmd_evaluate, "gc": cmd_gc}
 
 

@@ -51,6 +51,15 @@ def _split_id(line: str) -> str:
     return token
 
 
+def read_rgb(path: Path) -> np.ndarray:
+    """An image as every stage reads it: uint8 HxWx3 RGB; grayscale/CMYK JPEGs (they exist in
+    VOC) and other modes are converted. A missing or unreadable file is a `DataError`."""
+    image = open_image(path, "image")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image, dtype=np.uint8)
+
+
 def missing_files(directory: Path, ids: Sequence[str], ext: str) -> list[Path]:
     """The paths ``directory/<id><ext>`` that do not exist, from one listing of the folder (fast
     on network disks; a missing folder lacks them all)."""
@@ -188,11 +197,8 @@ class SegDataset:
         return self.root / self.mask_dir / f"{self.ids[i]}.png"
 
     def image(self, i: int) -> np.ndarray:
-        """uint8 HxWx3 RGB; grayscale/CMYK JPEGs (they exist in VOC) are converted."""
-        image = open_image(self.image_path(i), "image")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return np.array(image, dtype=np.uint8)
+        """uint8 HxWx3 RGB (`read_rgb`)."""
+        return read_rgb(self.image_path(i))
 
     def size(self, i: int) -> tuple[int, int]:
         """(H, W) from the image header only (read once)."""

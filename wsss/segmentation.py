@@ -182,9 +182,10 @@ def train_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset, labels: La
 
     After each epoch ``on_epoch(epochs_done, metrics, state)`` gets ``seg_loss`` (mean per
     labelled pixel), with ``val`` also ``val_miou``, and the training state (weights, optimiser,
-    schedule, random streams); passing that state back as ``resume`` continues after that epoch
-    exactly as if never stopped (on CPU). Returns the last epoch's metrics; the model is left in
-    eval mode. Without ``crop_size`` only same-size images share a batch.
+    schedule, random streams; ``arch``, from which `load_segmentation` rebuilds the model);
+    passing that state back as ``resume`` continues after that epoch exactly as if never stopped
+    (on CPU). Returns the last epoch's metrics; the model is left in eval mode. Without
+    ``crop_size`` only same-size images share a batch.
     """
     device = resolve_device(device)
     label = labels if callable(labels) else labels.__getitem__
@@ -235,7 +236,7 @@ def train_segmentation(model: AnySizeDeepLabV3Plus, data: SegDataset, labels: La
             on_epoch(epoch, metrics, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "generator": g.get_state(),
-                "torch_rng": torch.get_rng_state(), "epoch": epoch})
+                "torch_rng": torch.get_rng_state(), "epoch": epoch, "arch": model.arch})
     model.eval()
     return metrics
 
@@ -275,9 +276,60 @@ def save_segmentation(model: AnySizeDeepLabV3Plus, path: Path, meta: dict) -> No
 
 def load_segmentation(path: Path, device: torch.device | str,
                       ) -> tuple[AnySizeDeepLabV3Plus, dict]:
-    """Rebuild a saved model in eval mode, with its ``meta`` (nothing is downloaded)."""
+    """Rebuild a DeepLabv3+ in eval mode from what ``path`` holds (nothing is downloaded):
+
+    - a model `save_segmentation` wrote: its ``meta`` comes back with it;
+    - a training state `train_segmentation` gave ``on_epoch``, saved with `torch.save`, such as
+      a stage-2 checkpoint (``trial.pt``): ``meta`` is its ``epoch`` and, when the state holds
+      them, its ``metrics``;
+    - a folder holding one ``.pt`` file of either kind (a stage-2 checkpoint folder).
+
+    Files are read with torch's weights-only loader: no code stored in them runs. Anything else
+    is a `UserError` naming the file.
+    """
     device = resolve_device(device)
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = _create(ckpt["arch"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt["meta"]
+    file = _model_file(Path(path))
+    try:
+        ckpt = torch.load(file, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise UserError(f"{file} is not a DeepLabv3+ model file nor a stage-2 checkpoint: "
+                        f"cannot read it ({_first_line(e)})") from None
+    if isinstance(ckpt, dict) and "state_dict" in ckpt and "arch" in ckpt:  # save_segmentation
+        weights, arch, meta = ckpt["state_dict"], ckpt["arch"], ckpt.get("meta", {})
+    elif isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:  # a training state
+        weights, arch = ckpt["model"], ckpt.get("arch")
+        meta = {k: ckpt[k] for k in ("epoch", "metrics") if k in ckpt}
+        if arch is None:
+            raise UserError(f"{file}: this training state does not record its architecture "
+                            "(an earlier wsss-tune wrote it): train the pair again")
+    else:
+        keys = ", ".join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{file} is not a DeepLabv3+ model file nor a stage-2 checkpoint (it "
+                        f"holds {keys})")
+    try:
+        model = _create(arch)
+        model.load_state_dict(weights)
+    except UserError as e:
+        raise UserError(f"{file}: {e}") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{file}: its weights do not fit its DeepLabv3+ {arch}: "
+                        f"{_first_line(e)}") from None
+    return model.to(device).eval(), meta
+
+
+def _model_file(path: Path) -> Path:
+    """``path``, or the one ``.pt`` file of the folder ``path``."""
+    if path.is_dir():
+        files = sorted(path.glob("*.pt"))
+        if len(files) != 1:
+            raise UserError(f"{path} is a folder holding {len(files)} .pt files; expected one "
+                            "model file or stage-2 checkpoint (trial.pt)")
+        return files[0]
+    if not path.is_file():
+        raise UserError(f"model file {path} not found")
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
