@@ -81,7 +81,7 @@ def mlflow_children(runs: Path) -> tuple[int, int]:
     """(stage-1 child runs, of them RUNNING) of the search's parent run."""
     from mlflow import MlflowClient
 
-    from tune.search import load_state
+    from tune.folder import load_state
 
     state = load_state(runs / "load")
     client = MlflowClient(state["tracking_uri"])
@@ -95,7 +95,7 @@ def mlflow_children(runs: Path) -> tuple[int, int]:
 def trial_alone(runs: Path) -> float:
     """Median seconds of one trial's own work (no Ray, no MLflow) over 5 pairs."""
     from tune.config import stage0
-    from tune.search import saved_config
+    from tune.folder import saved_config
     from wsss.trial import Trial, run_trial
 
     torch.set_num_threads(1)

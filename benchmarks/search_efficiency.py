@@ -35,13 +35,12 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
 
 from tune.config import load_config, stage0
-from tune.search import run_search
+from tune.search import SearchResult, run_search
 from tune.space import grid_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +49,7 @@ QUICK_PAIRS = [[0.05, 0.30], [0.10, 0.35], [0.15, 0.25], [0.20, 0.45], [0.25, 0.
                [0.30, 0.30]]  # one degenerate pair, as in the paper grid
 
 
-def search(runs: Path, name: str, overrides: list[str]) -> dict[str, Any]:
+def search(runs: Path, name: str, overrides: list[str]) -> SearchResult:
     """One stage-1 search through the product's driver (cached stage 0, no stage 2)."""
     cfg = load_config("demo", [*overrides, f"name={name}", "search.stage2=false",
                                f"runtime.runs_root={runs}", "runtime.progress=false"],
@@ -58,16 +57,16 @@ def search(runs: Path, name: str, overrides: list[str]) -> dict[str, Any]:
     return run_search(cfg)
 
 
-def reports(out: dict[str, Any]) -> pd.DataFrame:
+def reports(out: SearchResult) -> pd.DataFrame:
     """Every epoch reported by every trial of a search: ``time_ms``, ``epoch``, ``objective``,
     in chronological order (the MLflow child run's per-epoch ``objective``)."""
-    client = MlflowClient(out["tracking_uri"])
-    rows = [(m.timestamp, m.step, m.value) for run_id in out["table"].mlflow_run_id
+    client = MlflowClient(out.tracking_uri)
+    rows = [(m.timestamp, m.step, m.value) for run_id in out.table.mlflow_run_id
             for m in client.get_metric_history(run_id, "objective")]
     frame = pd.DataFrame(rows, columns=["time_ms", "epoch", "objective"]).sort_values("time_ms")
-    if len(frame) != out["table"].training_iteration.sum():
+    if len(frame) != out.table.training_iteration.sum():
         raise SystemExit(f"MLflow holds {len(frame)} epoch reports, Tune "
-                         f"{out['table'].training_iteration.sum()}: cannot count epochs")
+                         f"{out.table.training_iteration.sum()}: cannot count epochs")
     return frame
 
 
@@ -113,7 +112,7 @@ def main() -> None:
             frame = reports(out)
             used = epochs_to_find(frame, epochs, threshold)
             fractions.append(float("inf") if used is None else used / grid_epochs)
-            done = out["table"][out["table"].training_iteration == epochs]
+            done = out.table[out.table.training_iteration == epochs]
             top = done.loc[done.objective.idxmax()]
             what = "not found" if used is None else f"found after {used} epochs"
             print(f"  seed {seed}: {what} -> {fractions[-1]:.3f} of the grid's epochs "

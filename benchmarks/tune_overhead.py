@@ -1,21 +1,21 @@
 """Benchmark: what Ray Tune costs on stage 1, against a plain process pool running the same trials.
 
-Stage 1 runs every (BG, FG) trial under Ray Tune (`tune.search.run_stage1`): the product's
-trainable with an MLflow child run per trial on a real SQLite store, a checkpoint after every
-epoch, reused actors and Tune's experiment snapshots. The reference runs the same trials as a
-plain loop over `wsss.trial.run_trial` in a process pool with the same concurrency
-(`search.max_concurrent` = 2 worker processes) and the same torch threads per trial
-(`search.cpus_per_trial` = 1); each worker opens the memory-mapped stores once, as a reused Ray
-actor does. Both run the 8 fixed, non-degenerate pairs below with `configs/demo.yaml`'s
-`affinity` settings for every epoch (`search.scheduler=none`, `search.space=pairs`), so the work is
-identical and the final objectives must agree (both on CPU, `runtime.device=cpu`, where training
-is deterministic). Worker start-up counts on both sides (spawned pool processes, Ray actors),
-and so do the product's progress lines; `ray.init` and creating the MLflow store and
-parent run are one-off per search and are printed apart, outside the ratio. Stage 0 (classifier,
-CAM and feature stores) is prepared once before timing in `<repo>/runs/stores` (the default cache,
-shared with the demo) and handed to both sides; the search runs in a temporary runs root (its
-MLflow store, Tune's results), so the user's MLflow store is not touched. Target (issue #5):
-ratio Ray / plain <= 1.15x.
+Stage 1 runs every (BG, FG) trial under Ray Tune (`tune.search.Search.stage1`): the product's
+trainable with an MLflow child run per trial on a real SQLite store (logged from the driver by
+`tune.tracking.TrialRuns`), a checkpoint after every epoch, reused actors and Tune's experiment
+snapshots. The reference runs the same trials as a plain loop over `wsss.trial.run_trial` in a
+process pool with the same concurrency (`search.max_concurrent` = 2 worker processes) and the same
+torch threads per trial (`search.cpus_per_trial` = 1); each worker opens the memory-mapped stores
+once, as a reused Ray actor does. Both run the 8 fixed, non-degenerate pairs below with
+`configs/demo.yaml`'s `refine` settings for every epoch (`search.scheduler=none`,
+`search.space=pairs`), so the work is identical and the final objectives must agree (both on CPU,
+`runtime.device=cpu`, where training is deterministic). Worker start-up counts on both sides
+(spawned pool processes, Ray actors), and so do the product's progress lines; `ray.init` and
+creating the MLflow store and parent run are one-off per search and are printed apart, outside the
+ratio. Stage 0 (classifier, CAM and feature stores) is prepared once before timing in
+`<repo>/runs/stores` (the default cache, shared with the demo) and handed to both sides; the search
+runs in a temporary runs root (its MLflow store, Tune's results), so the user's MLflow store is not
+touched. Target (issue #5): ratio Ray / plain <= 1.15x.
 
     python benchmarks/tune_overhead.py [--quick]    # --quick: 2 pairs, 2 epochs, 40 images
 """
@@ -32,10 +32,9 @@ from pathlib import Path
 import torch
 
 from tune.config import Config, load_config
-from wsss.data import DataSpec
 from wsss.objectives import driving_value
 from wsss.refine import RefineSpec
-from wsss.stage0 import Prepared, TrialSpec
+from wsss.stage0 import Prepared, PreparedRef, TrialSpec
 from wsss.trial import Trial, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,10 +48,10 @@ Pair = tuple[float, float]
 _prepared: Prepared | None = None  # per plain worker process: the stores, opened once
 
 
-def _open_stores(data: DataSpec, cams: Path, features: Path, threads: int) -> None:
+def _open_stores(ref: PreparedRef, threads: int) -> None:
     global _prepared
     torch.set_num_threads(threads)
-    _prepared = Prepared.open(data, cams, features)
+    _prepared = Prepared.open(ref)
 
 
 def _final_objective(bg: float, fg: float, specs: tuple[TrialSpec, RefineSpec], objective: str,
@@ -67,7 +66,7 @@ def plain(cfg: Config, prepared: Prepared, pairs: list[Pair]) -> dict[Pair, floa
     threads = max(1, int(cfg.search.cpus_per_trial))
     with ProcessPoolExecutor(cfg.search.max_concurrent, multiprocessing.get_context("spawn"),
                              initializer=_open_stores,
-                             initargs=(cfg.data, prepared.cams.path, prepared.features.path,
+                             initargs=(prepared.ref(cfg.data, cfg.trial.subset),
                                        threads)) as pool:
         futures = {pair: pool.submit(_final_objective, *pair, (cfg.trial, cfg.refine),
                                      cfg.search.objective,
@@ -76,22 +75,22 @@ def plain(cfg: Config, prepared: Prepared, pairs: list[Pair]) -> dict[Pair, floa
 
 
 def ray_tune(cfg: Config, prepared: Prepared) -> tuple[dict[Pair, float], dict[str, float]]:
-    """(BG, FG) -> final objective from `run_stage1`, and the times: mlflow, init, stage1."""
+    """(BG, FG) -> final objective from `Search.stage1`, and the times: mlflow, init, stage1."""
     from tune import tracking
-    from tune.search import begin_search, ray_session, run_stage1, search_folder
+    from tune.search import Search, ray_session
 
-    folder = search_folder(cfg)
+    search = Search(cfg)
+    search.folder.mkdir(parents=True)
     start = time.perf_counter()
-    state = begin_search(cfg, folder, None)
-    uri, parent = state["tracking_uri"], state["parent_run_id"]
+    search.begin()
     times = {"mlflow": time.perf_counter() - start}
     start = time.perf_counter()
-    with ray_session(None, uri, parent):
+    with ray_session(None):
         times["init"] = time.perf_counter() - start
         start = time.perf_counter()
-        table, _ = run_stage1(cfg, prepared, folder, uri, parent)
+        table = search.stage1(prepared)
         times["stage1"] = time.perf_counter() - start
-    tracking.finish(uri, parent)
+    tracking.finish(search.uri, search.parent)
     if (table.training_iteration != cfg.refine.epochs).any() or table.degenerate.any():
         raise SystemExit(f"expected every trial to finish {cfg.refine.epochs} epochs, none "
                          f"degenerate:\n{table[['bg', 'fg', 'training_iteration', 'degenerate']]}")
@@ -123,8 +122,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runtime = cfg.runtime.model_copy(update={"runs_root": Path(tmp)})
         tuned, times = ray_tune(cfg.model_copy(update={"runtime": runtime}), prepared)
-    print(f"Ray Tune run_stage1: {times['stage1']:.1f} s (apart: ray.init {times['init']:.1f} s, "
-          f"MLflow store + parent run {times['mlflow']:.1f} s)")
+    print(f"Ray Tune Search.stage1: {times['stage1']:.1f} s (apart: ray.init "
+          f"{times['init']:.1f} s, MLflow store + parent run {times['mlflow']:.1f} s)")
     diff = max(abs(ours[p] - tuned[p]) for p in pairs)
     print(f"final objective ({cfg.search.objective}) of {len(pairs)} pairs: max abs difference "
           f"{diff:.1e} (best {max(ours.values()):.4f})")

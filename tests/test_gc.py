@@ -14,7 +14,7 @@ from tune import locking
 from tune.cleanup import size_of
 from tune.cli import main
 from tune.config import STORES_LOCK
-from tune.search import LOCK_FILE
+from tune.folder import LOCK_FILE
 
 
 def _dead_pid() -> int:

@@ -115,6 +115,21 @@ def _statuses(folder: Path) -> dict[str, str]:
             **{f"{c.data.tags['stage']}:{c.data.params['bg']}": c.info.status for c in children}}
 
 
+def _epochs_logged(folder: Path) -> dict[str, list[int]]:
+    """Each child run's logged steps of its per-epoch metric, by stage and pair."""
+    from mlflow import MlflowClient
+
+    state = json.loads((folder / "search.json").read_text())
+    client = MlflowClient(state["tracking_uri"])
+    parent = client.get_run(state["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {f"{c.data.tags['stage']}:{c.data.params['bg']}": sorted(
+        m.step for m in client.get_metric_history(
+            c.info.run_id, "affinity_loss" if c.data.tags["stage"] == "1" else "seg_loss"))
+        for c in children}
+
+
 @pytest.mark.slow
 def test_signals_and_kills_at_every_stage_then_resume_as_if_never_stopped(ci_config, ci_prepared,
                                                                           tmp_path):
@@ -166,12 +181,13 @@ def test_signals_and_kills_at_every_stage_then_resume_as_if_never_stopped(ci_con
                              signal.SIGINT)
     last = out.strip().splitlines()[-1]
     assert code == 130 and last.startswith("wsss-tune: search paused interrupted (SIGINT) in "
-                                           "selection: its pair is selected"), out
+                                           "report: its pair is selected"), out
     assert last.endswith(f"continue it with: wsss-tune search --resume {folder}")
     assert (folder / "selection.json").exists() and _statuses(folder)["parent"] == "KILLED"
     assert main(resume) == 0
     statuses = _statuses(folder)
     assert set(statuses.values()) == {"FINISHED"}, statuses
+    assert _epochs_logged(folder) == _epochs_logged(runs / "whole")  # none twice after resumes
     stopped = pd.read_csv(folder / "stage1.csv")
     keys = ["bg", "fg", "training_iteration"]
     assert stopped[keys].equals(whole[keys])

@@ -19,7 +19,7 @@ def test_a_200_trial_random_search_completes_with_one_run_per_trial(ci_config, c
                                                                     tmp_path):
     from mlflow import MlflowClient
 
-    from tune.search import load_state
+    from tune.folder import load_state
 
     runs = tmp_path / "runs"
     for store in ci_prepared.cached:  # the session's classifier and CAMs: no stage-0 training

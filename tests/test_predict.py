@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from tune.cli import main
-from tune.search import saved_config
+from tune.folder import saved_config
 from wsss.data import SegDataset
 from wsss.errors import UserError
 from wsss.files import voc_palette

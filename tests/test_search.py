@@ -84,7 +84,7 @@ def test_optuna_search_on_local_ray(ci_config, ci_prepared, tmp_path):
 @pytest.mark.slow
 def test_two_stage_search_on_local_ray(ci_config, ci_prepared, capsys):
     from tune.cli import main
-    from tune.search import load_state
+    from tune.folder import load_state
 
     pairs = "[[0.1, 0.35], [0.2, 0.45], [0.3, 0.3], [0.25, 0.5]]"
     runs = ci_config.runtime.runs_root  # the session's stores: stage 0 is all cached
@@ -256,7 +256,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ci_config, ci_p
     from mlflow import MlflowClient
 
     from tune.cli import main
-    from tune.search import load_state
+    from tune.folder import load_state
 
     runs = tmp_path / "runs"
     args = ["search", "--config", "ci", "--space", "pairs", "--set", "name=resume",
@@ -273,8 +273,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ci_config, ci_p
     _kill_when(args, tmp_path, lambda: _finished_trials(folder / "stage1", 3),
                "one stage-1 trial finished")
     done = _finished_trials(folder / "stage1", 3)
-    finished_before = {f'{json.loads((p.parent / "params.json").read_text())["pair"][0]:g}'
-                       for p in done}
+    finished_before = {
+        f'{json.loads((p.parent / "params.json").read_text())["pair"]["bg"]:g}' for p in done}
     state = load_state(folder)
     client = MlflowClient(state["tracking_uri"])
     experiment = client.get_run(state["parent_run_id"]).info.experiment_id
@@ -338,29 +338,43 @@ def test_reselect_says_which_candidates_never_reached_stage_two(tmp_path, capsys
     assert main(["select", str(tmp_path / "nowhere")]) == 2
 
 
+@pytest.mark.slow
 def test_a_failed_trial_is_marked_failed_in_mlflow_and_said_in_one_line(tmp_path, caplog):
+    """A trial that raises after its first report, under a real Tune run with the driver's
+    `TrialRuns`: its child run holds that report and ends FAILED, and the search says why in
+    one line."""
     from mlflow import MlflowClient
     from ray import tune
 
     from tune import tracking
-    from tune.search import _failure
+    from tune.search import _failure, ray_session
 
     uri = tracking.default_uri(tmp_path)
     parent = tracking.start_parent(uri, "s", {"a": 1}, {})
-    child = tracking.start_child(uri, parent, 2, "pair-0.1-0.3", 0.1, 0.3)
-    crash = RuntimeError("Traceback (most recent call last):\n  ...\nCUDA out of memory\n")
-    result = tune.Result(metrics={"bg": 0.1, "fg": 0.3, "mlflow_run_id": child,
-                                  "training_iteration": 4}, checkpoint=None, error=crash,
-                         path=str(tmp_path))
-    assert _failure(result, 2, uri) == "CUDA out of memory"
-    assert MlflowClient(uri).get_run(child).info.status == "FAILED"
-    assert "stage-2 trial (0.1, 0.3) failed after 4 epochs and is not ranked" in caplog.text
+
+    def crashes(config):
+        tune.report({"bg": 0.1, "fg": 0.3, "epoch": 1, "tecm": 0.5})
+        raise RuntimeError("CUDA out of memory")
+
+    with ray_session(None):
+        results = tune.Tuner(crashes, param_space={"pair": {"bg": 0.1, "fg": 0.3}},
+                             run_config=tune.RunConfig(
+                                 name="stage1", storage_path=str(tmp_path), verbose=0,
+                                 callbacks=[tracking.TrialRuns(uri, parent, 1, 3)])).fit()
+    result = results[0]
+    assert _failure(result, 1) == "RuntimeError: CUDA out of memory"
+    assert "stage-1 trial (0.1, 0.3) failed after 1 epochs and is not ranked" in caplog.text
+    (run_id,) = tracking.child_runs(uri, parent, 1).values()
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.metrics == {"tecm": 0.5}
+    assert (run.data.params["bg"], run.data.params["fg"]) == ("0.1", "0.3")
     assert tracking.close_children(uri, parent) == 0  # not re-closed as a finished stop
     clean = tune.Result(metrics=result.metrics, checkpoint=None, error=None, path=str(tmp_path))
-    assert _failure(clean, 2, uri) is None
-    early = tune.Result(metrics=None, checkpoint=None, error=crash, path=str(tmp_path))
-    with pytest.raises(UserError, match="failed before its first report: CUDA out of memory"):
-        _failure(early, 1, uri)
+    assert _failure(clean, 1) is None
+    early = tune.Result(metrics=None, checkpoint=None, error=result.error, path=str(tmp_path))
+    with pytest.raises(UserError, match="failed before its first report: RuntimeError: CUDA "
+                                        "out of memory"):
+        _failure(early, 1)
 
 
 @pytest.mark.slow
@@ -401,26 +415,55 @@ def test_oracle_measures_the_regret_over_every_finished_pair(ci_config, ci_prepa
     assert "all 3 finished pairs (oracle)" in printed and "how each ranking would" in printed
 
 
-def test_rank_epoch_ranks_by_the_last_or_the_best_epoch_and_stage2_uses_that_head():
-    import torch
+def test_history_keeps_the_last_report_of_an_epoch_run_twice():
     from ray import tune
 
-    from tune.search import _history, _ranking_row
-    from tune.trainables import ranked_state
+    from tune.search import _history
 
     history = pd.DataFrame({"epoch": [1, 2, 3, 2], "training_iteration": [1, 2, 3, 2],
                             "objective": [0.5, 0.7, 0.6, 0.8], "tecm": [0.5, 0.7, 0.6, 0.8],
-                            "bg": 0.1, "fg": 0.3, "trial_id": "t"})  # epoch 2 re-run: last wins
-    last = history.iloc[2].to_dict()
-    result = tune.Result(metrics=last, checkpoint=None, error=None, path="",
-                         metrics_dataframe=history)
+                            "bg": 0.1, "fg": 0.3, "trial_id": "t", "time_this_iter_s": 1.0,
+                            "config/pair/bg": 0.1})  # epoch 2 re-run: last wins
+    result = tune.Result(metrics=history.iloc[2].to_dict(), checkpoint=None, error=None,
+                         path="", metrics_dataframe=history)
     epochs = _history(result)
     assert list(epochs.epoch) == [1, 2, 3] and list(epochs.objective) == [0.5, 0.8, 0.6]
-    row = _ranking_row(result, epochs, "last")
-    assert row["objective"] == 0.6 and row["rank_epoch"] == 3
-    row = _ranking_row(result, epochs, "best")
-    assert row["objective"] == row["tecm"] == 0.8 and row["rank_epoch"] == 2
-    assert row["training_iteration"] == 3  # epochs trained: what promotion checks
+    assert "time_this_iter_s" not in epochs and "config/pair/bg" not in epochs
+
+
+def test_rank_epoch_ranks_by_the_last_or_the_best_epoch_and_stage2_uses_that_head(
+        finished_search):
+    """The trials table from Tune's own `ResultGrid` of a real search: one row per trial at its
+    last epoch, or at the epoch with the best objective (the earliest on ties), with the
+    number of epochs trained kept either way (what promotion checks)."""
+    import numpy as np
+    import torch
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from tune import tracking
+    from tune.folder import load_state
+    from tune.search import trials_table
+    from tune.trainables import ranked_state
+
+    state = load_state(finished_search)
+    results = ResultGrid(ExperimentAnalysis(str(finished_search / "stage1")))
+    runs = tracking.child_runs(state["tracking_uri"], state["parent_run_id"], 1)
+    last, curves = trials_table(results, runs, "last")
+    best, _ = trials_table(results, runs, "best")
+    saved = pd.read_csv(finished_search / "stage1.csv")
+    assert list(zip(last.bg, last.fg)) == list(zip(saved.bg, saved.fg))
+    assert list(last.objective) == pytest.approx(list(saved.objective))
+    assert set(last.mlflow_run_id) == set(runs.values()) and len(last) == 4
+    assert len(curves) == last.training_iteration.sum()
+    for trial_id, curve in curves.groupby("trial_id"):
+        at_last = last[last.trial_id == trial_id].iloc[0]
+        at_best = best[best.trial_id == trial_id].iloc[0]
+        k = int(np.argmax(curve.objective.to_numpy()))  # the first maximum
+        assert at_last.objective == curve.objective.iloc[-1]
+        assert at_last.rank_epoch == curve.epoch.iloc[-1] == at_last.training_iteration
+        assert at_best.objective == curve.objective.iloc[k]
+        assert at_best.rank_epoch == curve.epoch.iloc[k]
+        assert at_best.training_iteration == at_last.training_iteration
     state = {"refiner": {"w": torch.zeros(1)}, "epoch": 3,
              "best": {"epoch": 2, "objective": 0.8, "refiner": {"w": torch.ones(1)}}}
     assert ranked_state(state, "last")["refiner"]["w"].item() == 0
@@ -468,17 +511,20 @@ def test_an_interrupted_stage_2_selects_nothing(tmp_path):
     from tune.search import stage2_rows
 
     def result(bg: float, epochs_done: int) -> tune.Result:
-        history = pd.DataFrame({"training_iteration": range(1, epochs_done + 1), "bg": bg,
-                                "fg": 0.5, "seg_loss": 0.3, "val_miou": 0.5})
-        last = {**history.iloc[-1].to_dict(), "epoch": epochs_done, "mlflow_run_id": "r"}
+        history = pd.DataFrame({"training_iteration": range(1, epochs_done + 1),
+                                "epoch": range(1, epochs_done + 1), "bg": bg, "fg": 0.5,
+                                "seg_loss": 0.3, "val_miou": 0.5})
+        last = history.iloc[-1].to_dict()
         return tune.Result(metrics=last, checkpoint=None, error=None, path="",
                            metrics_dataframe=history)
 
-    rows, curves = stage2_rows([result(0.1, 6), result(0.2, 6)], 6, "unused", tmp_path)
+    runs = {"pair-0.1-0.5": "r1"}
+    rows, curves = stage2_rows([result(0.1, 6), result(0.2, 6)], 6, runs, tmp_path)
     assert list(rows.stage2_failed) == [0, 0] and len(curves) == 12
+    assert rows.stage2_run_id[0] == "r1" and pd.isna(rows.stage2_run_id[1])
     with pytest.raises(UserError, match=rf"1 of 2 DeepLabv3\+ trainings unfinished .*nothing is "
                                         rf"selected.*--resume {tmp_path}"):
-        stage2_rows([result(0.1, 6), result(0.2, 3)], 6, "unused", tmp_path)
+        stage2_rows([result(0.1, 6), result(0.2, 3)], 6, runs, tmp_path)
 
 
 def test_an_unreachable_tracking_server_fails_in_seconds(tmp_path, capsys):

@@ -118,7 +118,7 @@ def test_train_split_without_masks_gives_the_weakly_supervised_metrics(ci_config
     """TECM needs no ground truth: with image-level labels from `cls_labels.npy` and no train
     masks, a trial reports the same objectives and NPRs, and no PQS/mIoU."""
     from wsss.errors import UserError
-    from wsss.stage0 import Prepared, initial_surface
+    from wsss.stage0 import Prepared, PreparedRef, initial_surface
 
     src, root = ci_config.data.root, tmp_path / "no-train-masks"
     root.mkdir()
@@ -130,13 +130,18 @@ def test_train_split_without_masks_gives_the_weakly_supervised_metrics(ci_config
         (root / "SegmentationClass" / val.mask_path(i).name).symlink_to(val.mask_path(i))
     train = ci_prepared.train
     n_fg = train.num_classes - 1
-    np.save(root / "cls_labels.npy", {train.ids[i]: np.isin(np.arange(1, n_fg + 1),
-                                                            train.labels(i)).astype(np.float32)
-                                      for i in range(len(train))})
+    np.save(root / "cls_labels.npy", {  # both splits, as VOC's cls_labels.npy
+        split.ids[i]: np.isin(np.arange(1, n_fg + 1), split.labels(i)).astype(np.float32)
+        for split in (train, val) for i in range(len(split))})
     data = ci_config.data.model_copy(update={"root": root, "synthetic": None,
                                              "cls_labels": root / "cls_labels.npy"})
-    prepared = Prepared.open(data, ci_prepared.cams.path, ci_prepared.features.path)
+    prepared = Prepared.open(PreparedRef(data, ci_prepared.cams.path, ci_prepared.features.path,
+                                         classifier=None, subset=None))
     assert not prepared.train.has_masks and ci_prepared.train.has_masks
+    assert prepared.val is not None and prepared.val.has_masks  # reopened with its val split
+    bare = Prepared.open(PreparedRef(data, ci_prepared.cams.path, None, None, None))
+    with pytest.raises(ValueError, match="refine.method irn trains on frozen features"):
+        make_trial(ci_config, bare, 0.15, 0.4)
     blind = list(run_trial(make_trial(ci_config, prepared, 0.15, 0.4, epochs=1)))[-1]
     seen = list(run_trial(make_trial(ci_config, ci_prepared, 0.15, 0.4, epochs=1)))[-1]
     assert set(blind) == {"epoch", "affinity_loss", "tecm", "tecm_pooled", "spqs", "degenerate",

@@ -22,7 +22,7 @@ import pandas as pd
 
 from tune import locking
 from tune.config import STORES_LOCK
-from tune.search import LOCK_FILE, STATE_FILE
+from tune.folder import LOCK_FILE, STATE_FILE
 from wsss.errors import UserError
 from wsss.store import orphans, remove_store
 

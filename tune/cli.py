@@ -22,11 +22,12 @@ import pandas as pd
 
 from tune import interrupts
 from tune.progress import pct
-from tune.space import Space
+from tune.space import Pair, Space
 from wsss.errors import UserError
 
 if TYPE_CHECKING:
     from tune.config import Config, SearchConfig
+    from tune.search import SearchResult
     from wsss.data import SegDataset
     from wsss.stage0 import Prepared
 
@@ -182,12 +183,12 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
                                           "<runs_root>/mlflow.db)")
 
 
-def _pair(text: str) -> tuple[float, float]:
+def _pair(text: str) -> Pair:
     try:
         bg, fg = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected BG,FG such as 0.25,0.5, got {text!r}")
-    return bg, fg
+    return Pair(bg, fg)
 
 
 def _dataset_args(p: argparse.ArgumentParser, split_default: str | None) -> None:
@@ -310,7 +311,8 @@ def cmd_trial(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from tune.config import load_config
-    from tune.search import run_search, saved_config, search_folder
+    from tune.folder import saved_config, search_folder
+    from tune.search import run_search
 
     if args.resume is not None:
         given = [f for f, v in (("--config", args.config), ("--data", args.data),
@@ -334,7 +336,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = run_search(cfg, address=args.address, tracking_uri=args.tracking_uri,
                      resume=args.resume is not None)
-    table = out["table"]
+    table = out.table
     print(f"\nstage 1: {len(table)} trials, objective {cfg.search.objective}")
     print(format_stage1(table))
     print_result(cfg, out, time.perf_counter() - start)
@@ -383,10 +385,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print_result(cfg, out, time.perf_counter() - start)
 
 
-def print_result(cfg: Config, out: dict, seconds: float) -> None:
+def print_result(cfg: Config, out: SearchResult, seconds: float) -> None:
     """The short table of a finished search: each candidate's pair, objective, PQS and val
     mIoU, the pick against the best pair by val mIoU (the regret), and where to look next."""
-    cands, sel = out["candidates"], out["selection"]
+    cands, sel = out.candidates, out.selection
     name = cfg.search.objective
 
     pick = (sel["pair"]["bg"], sel["pair"]["fg"])
@@ -418,17 +420,17 @@ def print_result(cfg: Config, out: dict, seconds: float) -> None:
         print("\n" + format_evaluation(sel["evaluation"]))
     print("PQS: mean of the initial regions' and the pseudo-labels' PQS on the trial images; "
           "PQS and val mIoU use ground truth (validation only, never the objective)")
-    folder, uri = out["folder"], out["tracking_uri"]
+    folder, uri = out.folder, out.tracking_uri
     files = [n for n in ("selection.json", "thresholds.yaml", "stage1.csv", "stage2.csv")
              if (Path(folder) / n).exists()]
     print(f"\nsearch folder: {folder}  ({', '.join(files)})")
     from tune.tracking import run_url
 
-    print(f"report:        {out['report']}")
+    print(f"report:        {out.report}")
     if uri.startswith("sqlite:"):
         mlflow = Path(sys.executable).with_name("mlflow")
         print(f"MLflow:        {mlflow} ui --backend-store-uri {uri}")
-    print(f"               {run_url(uri, out['parent_run_id'])}  (this search's parent run)")
+    print(f"               {run_url(uri, out.parent_run_id)}  (this search's parent run)")
     print(f"whole search:  {seconds // 60:.0f} min {seconds % 60:.0f} s")
 
 
@@ -460,8 +462,8 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    from tune.folder import load_state
     from tune.report import write_report
-    from tune.search import load_state
 
     load_state(args.run_dir)  # a clear error when it is not a search folder
     print(f"wrote {write_report(args.run_dir)}")
@@ -513,16 +515,16 @@ def format_correlation(c, where: str) -> str:
 def cmd_export_labels(args: argparse.Namespace) -> None:
     from tune.search import export_run_labels
 
-    n, bg, fg = export_run_labels(args.run_dir, args.out, args.pair)
-    print(f"wrote {n} pseudo-label PNGs of (BG, FG) = ({bg:g}, {fg:g}) to {args.out}")
+    n, pair = export_run_labels(args.run_dir, args.out, args.pair)
+    print(f"wrote {n} pseudo-label PNGs of (BG, FG) = ({pair.bg:g}, {pair.fg:g}) to {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from tune.predict import predict_folder
 
-    n, bg, fg = predict_folder(args.run_dir, args.images, args.out, args.pair, args.device)
-    print(f"wrote {n} label PNGs predicted by the DeepLabv3+ of (BG, FG) = ({bg:g}, {fg:g}) "
-          f"to {args.out}")
+    n, pair = predict_folder(args.run_dir, args.images, args.out, args.pair, args.device)
+    print(f"wrote {n} label PNGs predicted by the DeepLabv3+ of (BG, FG) = "
+          f"({pair.bg:g}, {pair.fg:g}) to {args.out}")
 
 
 def megabytes(n: int) -> str:

@@ -1,12 +1,11 @@
 """Start-up checks for a search on a Ray cluster (docs/search.md, README "Run on a cluster").
 
-On one machine every trial sees the driver's files and its MLflow store. On a cluster a trial runs
-on any node, opens the stage-0 stores and writes its checkpoints by *path*, and logs to MLflow from
-that node: a folder that is not shared, or a tracking URI that only the driver reaches, would
-fail trials one by one, or (a per-node SQLite file) silently split the runs between nodes. So
-before any trial starts, one tiny task per alive node reads back a token the driver just wrote into
-each shared folder, looks for the dataset, and calls the tracking server; a failure names what is
-missing, where, and what to do.
+On one machine every trial sees the driver's files. On a cluster a trial runs on any node, and
+opens the stage-0 stores and writes its checkpoints by *path*: a folder that is not shared would
+fail trials one by one, after stage 0 had run. So before a phase starts trials, one tiny task per
+alive node reads back a token the driver just wrote into each shared folder and looks for the
+dataset; a failure names what is missing, where, and what to do. MLflow is not checked on the
+nodes: only the driver logs (`tune.tracking.TrialRuns`).
 """
 
 from __future__ import annotations
@@ -20,12 +19,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tune import tracking
 from wsss.errors import UserError
 from wsss.files import atomic_write_bytes
 
@@ -84,36 +81,23 @@ def connect(address: str, *, timeout_s: float = 5.0) -> None:
                         f"{hint}; {GUIDE}") from None
 
 
-def check_cluster(shared: Mapping[str, Path], tracking_uri: str, *,
-                  present: Mapping[str, Path] | None = None, timeout_s: float = 60.0,
-                  settle_s: float = 10.0) -> None:
-    """Raise `UserError` unless every alive node with CPUs reads each ``shared`` folder (name ->
-    path) at the same path, finds each ``present`` folder (read-only inputs such as the dataset:
-    a copy at the same path will do, so only its top-level names are compared), and reaches an
-    http(s) ``tracking_uri``.
-
-    An http(s) tracking URI is called from every node (the same client calls the trials make). A
-    SQLite or file store is checked only on a cluster of several nodes, where its folder must be
-    shared too: a store on a node-local disk would split the runs; even shared, SQLite takes few
-    concurrent writers, so a tracking server is recommended there. ``timeout_s`` bounds the
-    wait for the nodes' answers; ``settle_s`` how long a node looks again for a missing file."""
+def check_cluster(shared: Mapping[str, Path], *, present: Mapping[str, Path] | None = None,
+                  timeout_s: float = 60.0, settle_s: float = 10.0) -> None:
+    """Raise `UserError` unless every alive node with CPUs reads and writes each ``shared``
+    folder (name -> path) at the same path and finds each ``present`` folder (read-only inputs
+    such as the dataset: a copy at the same path will do, so only its top-level names are
+    compared). ``timeout_s`` bounds the wait for the nodes' answers; ``settle_s`` how long a
+    node looks again for a missing file."""
     # the nodes that can run trials (a head started with no CPUs runs none)
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0)]
     folders = {name: Path(path).absolute() for name, path in shared.items()}
-    store = local_store(tracking_uri)
-    if store is not None and len(nodes) > 1:
-        folders[f"MLflow store folder of {tracking_uri}"] = store
-        log.warning("a %s tracking store on a %d-node cluster: every trial writes into one file "
-                    "on a shared folder; a tracking server is recommended (%s)",
-                    tracking_uri.split(":", 1)[0], len(nodes), GUIDE)
-    http = tracking_uri if tracking_uri.startswith(("http://", "https://")) else None
     inputs = {name: Path(path).absolute() for name, path in (present or {}).items()}
     listings = {str(path): sorted(os.listdir(path))[:20] for path in inputs.values()}
     tokens = _write_tokens(folders)
     try:
         refs = {_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                     n["NodeID"], soft=False)).remote(
-                    {str(p): t for p, t in tokens.values()}, listings, http, settle_s): n
+                    {str(p): t for p, t in tokens.values()}, listings, settle_s): n
                 for n in nodes}
         results = _gather(refs, timeout_s)
     finally:
@@ -124,13 +108,10 @@ def check_cluster(shared: Mapping[str, Path], tracking_uri: str, *,
         failed = sorted(f"{ip} ({r['unreadable'][str(path)]})" for ip, r in results.items()
                         if str(path) in r["unreadable"])
         if failed:
-            fix = ("start a tracking server and pass --tracking-uri http://HOST:5000 (SQLite "
-                   "takes few concurrent writers; a tracking server is recommended on clusters)"
-                   if name.startswith("MLflow") else
-                   "put runtime.runs_root (stores and search folders) on a shared filesystem "
-                   "mounted at the same path on every node")
             problems.append(f"shared path {path.parent} ({name}) is not readable and writable "
-                            f"on node {', '.join(failed)}: {fix}")
+                            f"on node {', '.join(failed)}: put runtime.runs_root (stores and "
+                            f"search folders) on a shared filesystem mounted at the same path "
+                            f"on every node")
     for name, path in inputs.items():
         failed = sorted(f"{ip} ({r['missing'][str(path)]})" for ip, r in results.items()
                         if str(path) in r["missing"])
@@ -138,29 +119,9 @@ def check_cluster(shared: Mapping[str, Path], tracking_uri: str, *,
             problems.append(f"path {path} ({name}) is missing on node {', '.join(failed)}: "
                             f"put it on the shared filesystem or copy it to the same path on "
                             f"every node")
-    unreachable = sorted(f"{ip} ({r['tracking']})" for ip, r in results.items() if r["tracking"])
-    if unreachable:
-        loopback = urlparse(tracking_uri).hostname in ("localhost", "127.0.0.1", "::1")
-        problems.append(
-            f"tracking URI {tracking_uri} is not reachable from node {', '.join(unreachable)}: "
-            f"start `mlflow server --host 0.0.0.0 ...` where every node reaches it, or fix "
-            f"--tracking-uri"
-            + (" (not localhost: on a worker node that is the node itself)"
-               if loopback and len(nodes) > 1 else ""))
     if problems:
         raise UserError(" / ".join(problems) + f" ({GUIDE})")
     log.info("cluster check passed on %d node(s): %s", len(nodes), ", ".join(sorted(results)))
-
-
-def local_store(tracking_uri: str) -> Path | None:
-    """The folder of a SQLite or file tracking store (None for a server or a remote database)."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):]).absolute().parent
-    if tracking_uri.startswith("file:"):
-        return Path(urlparse(tracking_uri).path).absolute()
-    if "://" not in tracking_uri:
-        return Path(tracking_uri).absolute()
-    return None
 
 
 def _write_tokens(folders: Mapping[str, Path]) -> dict[str, tuple[Path, str]]:
@@ -206,13 +167,12 @@ def _gather(refs: dict[Any, dict[str, Any]], timeout_s: float) -> dict[str, dict
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _probe(tokens: dict[str, str], listings: dict[str, list[str]], http_uri: str | None,
-           settle_s: float = 10.0, timeout_s: float = 10.0) -> dict[str, Any]:
+def _probe(tokens: dict[str, str], listings: dict[str, list[str]],
+           settle_s: float = 10.0) -> dict[str, Any]:
     """On one node: which token files are missing or differ (or whose folder takes no file
-    from this node), which input folders lack the names
-    the driver listed, and why the tracking server cannot be called (None when it can). A
-    missing token is looked for again for ``settle_s``: an NFS client may cache a folder's
-    listing for some seconds."""
+    from this node), and which input folders lack the names the driver listed. A missing token
+    is looked for again for ``settle_s``: an NFS client may cache a folder's listing for some
+    seconds."""
     unreadable: dict[str, str] = {}
     deadline = time.monotonic() + settle_s
     for path, expected in tokens.items():
@@ -245,9 +205,7 @@ def _probe(tokens: dict[str, str], listings: dict[str, list[str]], http_uri: str
             if lost:
                 missing[folder] = f"no {lost[0]}" + (f" and {len(lost) - 1} more" if lost[1:]
                                                      else "")
-    return {"unreadable": unreadable, "missing": missing,
-            "tracking": (None if http_uri is None
-                         else tracking.tracking_problem(http_uri, timeout_s))}
+    return {"unreadable": unreadable, "missing": missing}
 
 
 def _chain(error: BaseException) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tune.search import load_state
+from tune.folder import load_state
+from tune.space import Pair
 from wsss.data import read_rgb
 from wsss.devices import resolve_device
 from wsss.errors import UserError
@@ -40,58 +41,55 @@ def image_files(images: Path) -> list[Path]:
     return files
 
 
-def selected_pair(folder: Path) -> tuple[float, float]:
+def selected_pair(folder: Path) -> Pair:
     """The pair ``selection.json`` of the search ``folder`` names."""
     path = folder / "selection.json"
     if not path.is_file():
         raise UserError(f"{folder} has no selection.json: its search did not finish (resume it: "
                         f"wsss-tune search --resume {folder}), or give --pair BG,FG")
-    pair = json.loads(path.read_text())["pair"]
-    return float(pair["bg"]), float(pair["fg"])
+    return Pair.of(json.loads(path.read_text()))
 
 
-def stage2_checkpoint(folder: Path, pair: tuple[float, float]) -> Path:
+def stage2_checkpoint(folder: Path, pair: Pair) -> Path:
     """The stage-2 checkpoint folder of ``pair`` in the search ``folder``. A checkpoint missing
     at its recorded path is looked for by its last three parts (``stage2/<trial>/<checkpoint>``)
     under ``folder``: a moved search folder still finds its models."""
-    bg, fg = pair
     table_path = folder / "stage2.csv"
     if not table_path.is_file():
         raise UserError(f"{folder} has no stage2.csv: stage 2 (DeepLabv3+) was not run or did "
                         f"not finish, so there is no model to predict with")
     table = pd.read_csv(table_path)
-    match = table[((table.bg - bg).abs() < 1e-9) & ((table.fg - fg).abs() < 1e-9)]
+    match = pair.rows_in(table)
     if match.empty:
-        trained = ", ".join(f"{r.bg:g},{r.fg:g}" for r in table.itertuples())
-        raise UserError(f"pair {bg:g},{fg:g} has no DeepLabv3+ in {table_path}; stage 2 trained "
+        trained = ", ".join(Pair(r.bg, r.fg).label for r in table.itertuples())
+        raise UserError(f"pair {pair.label} has no DeepLabv3+ in {table_path}; stage 2 trained "
                         f"{trained or 'none'}")
     row = match.iloc[0]
     if int(row.get("stage2_failed", 0)):
-        raise UserError(f"the DeepLabv3+ training of pair {bg:g},{fg:g} failed ({table_path}): "
+        raise UserError(f"the DeepLabv3+ training of pair {pair.label} failed ({table_path}): "
                         "there is no trained model to predict with")
     recorded = row.get("stage2_checkpoint")
     if pd.isna(recorded) or not str(recorded):
-        raise UserError(f"pair {bg:g},{fg:g} has no stage-2 checkpoint in {table_path}")
+        raise UserError(f"pair {pair.label} has no stage-2 checkpoint in {table_path}")
     path = Path(str(recorded))
     moved = folder.joinpath(*path.parts[-3:])
     if not path.exists() and moved.exists():
         return moved
     if not path.exists():
-        raise UserError(f"the stage-2 checkpoint of pair {bg:g},{fg:g} ({path}, named in "
+        raise UserError(f"the stage-2 checkpoint of pair {pair.label} ({path}, named in "
                         f"{table_path}) is gone")
     return path
 
 
 def predict_folder(folder: Path, images: Path, out: Path,
-                   pair: tuple[float, float] | None = None,
-                   device: str = "auto") -> tuple[int, float, float]:
+                   pair: Pair | None = None, device: str = "auto") -> tuple[int, Pair]:
     """Predict every image of ``images`` with the DeepLabv3+ stage 2 trained on ``pair``
     (default: the selected one) of the search ``folder``; write ``<stem>.png`` VOC palette PNGs
     atomically into ``out``. Every input is checked before the model is loaded; an image that
-    cannot be decoded stops the run naming it. Returns (count, bg, fg)."""
+    cannot be decoded stops the run naming it. Returns (count, pair)."""
     load_state(folder)  # a clear error when it is not a search folder
-    bg, fg = pair if pair is not None else selected_pair(folder)
-    checkpoint = stage2_checkpoint(folder, (bg, fg))
+    pair = pair if pair is not None else selected_pair(folder)
+    checkpoint = stage2_checkpoint(folder, pair)
     files = image_files(images)
     if out.resolve() == images.resolve():
         raise UserError(f"--out {out} is the --images folder: its PNG images would be "
@@ -101,4 +99,4 @@ def predict_folder(folder: Path, images: Path, out: Path,
     model, _ = load_segmentation(checkpoint, device)
     for path in files:
         save_palette_png(out / f"{path.stem}.png", predict(model, read_rgb(path), device))
-    return len(files), bg, fg
+    return len(files), pair

@@ -660,7 +660,8 @@ def sample_maps(ev: Evidence, samples: int) -> dict[str, Any]:
     """For the first ``samples`` trial images with a foreground class: the image, its ground
     truth, and each top candidate's initial regions and pseudo-labels (its stage-1 edge head,
     read from its checkpoint). Opens the cached stage-0 stores and never builds them."""
-    from tune.search import saved_config
+    from tune.folder import saved_config
+    from tune.space import Pair
     from tune.trainables import restored_trial
     from wsss.stage0 import prepare
 
@@ -675,7 +676,7 @@ def sample_maps(ev: Evidence, samples: int) -> dict[str, Any]:
         path = checkpoints.get((bg, fg))
         if not isinstance(path, str) or not Path(path).is_dir():
             raise UserError(f"the stage-1 checkpoint of {pair_text(bg, fg)} is missing ({path})")
-        trial = restored_trial(prepared, (cfg.trial, cfg.refine), bg, fg, Path(path),
+        trial = restored_trial(prepared, (cfg.trial, cfg.refine), Pair(bg, fg), Path(path),
                                cfg.search.rank_epoch, "cpu")
         if chosen is None:  # the same images for every candidate: those with a foreground class
             chosen = [k for k in range(len(ids)) if len(trial.images.keys(k))][:samples]

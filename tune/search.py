@@ -1,5 +1,6 @@
-"""The search driver: stage 0 (prepare), stage 1 (TECM trials under Ray Tune), promotion,
-stage 2 (DeepLabv3+ on the candidates), selection.
+"""The search: one `Search` object with one method per phase — stage 0 (prepare), stage 1
+(TECM trials under Ray Tune), promotion, stage 2 (DeepLabv3+ on the candidates), selection,
+report — run in one Ray session, ending in a `SearchResult`.
 
 Promotion and selection are pure functions of the stage tables, so they can be re-run (and
 tested) without Ray. A trial that fails is never ranked: it is marked failed (in its table and
@@ -13,8 +14,9 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +29,346 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune import cluster, interrupts, locking, tracking
 from tune.config import Config, SearchConfig, stage0, stores_in_use
+from tune.folder import LOCK_FILE, STATE_FILE, load_state, saved_config, search_folder
 from tune.progress import Stage1Progress, Stage2Progress, say
 from tune.schedulers import ResumableASHA
-from tune.space import DefineByRun, grid_pairs
-from tune.trainables import restored_trial, stage1, stage2, trial_context
+from tune.space import DefineByRun, Pair, grid_pairs
+from tune.trainables import TrialContext, restored_trial, stage1, stage2
 from wsss.analysis import GROUND_TRUTH_PROXIES, finished_pairs, pick_quality
 from wsss.classifier import create_backbone
 from wsss.errors import UserError
-from wsss.files import atomic_write_bytes, output_folder, write_csv_atomic, write_json_atomic
+from wsss.files import (
+    atomic_write_bytes,
+    digest,
+    output_folder,
+    write_csv_atomic,
+    write_json_atomic,
+)
 from wsss.objectives import OBJECTIVES
 from wsss.pseudo_labels import export_labels
 from wsss.segmentation import build_model
-from wsss.stage0 import Prepared, digest
+from wsss.stage0 import Prepared
 
 log = logging.getLogger("tune")
 GRID_SPACES = ("paper", "extended", "pairs")
+ASHA_STATE = "asha-state.pkl"  # `ResumableASHA`'s rungs, beside Tune's experiment state
+# Tune reads these from the environment only; `ray_session` sets them for its own duration:
+# experiment snapshots every second make resume exact (docs/search.md), so no warning for them
+TUNE_ENVIRONMENT = {"TUNE_GLOBAL_CHECKPOINT_S": "1",
+                    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """A finished search: its folder and MLflow parent run, the stage-1 table (one row per
+    trial), the candidates (with their stage-2 results when stage 2 ran), the selection and
+    the report."""
+
+    folder: Path
+    tracking_uri: str
+    parent_run_id: str
+    table: pd.DataFrame
+    candidates: pd.DataFrame
+    selection: dict[str, Any]
+    report: Path
+
+
+class Search:
+    """A search in ``<runs_root>/<name>``: `run` checks everything it can before any work,
+    then runs the phases under the folder's lock in one Ray session (a local cluster unless
+    ``address`` or ``RAY_ADDRESS`` names one). ``resume`` continues a search that was stopped:
+    finished trials are not rerun, stopped ones continue from their checkpoint."""
+
+    def __init__(self, cfg: Config, *, address: str | None = None,
+                 tracking_uri: str | None = None, resume: bool = False) -> None:
+        self.cfg, self.resume = cfg, resume
+        self.address = cluster.resolve_address(address)
+        self.folder = search_folder(cfg)
+        self.phase = "stage 0"
+        if resume:  # a wrong folder fails here, before anything is created in it
+            self.state = load_state(self.folder)
+        else:
+            uri = tracking_uri or tracking.default_uri(cfg.runtime.runs_root)
+            self.state = {"config": cfg.model_dump(mode="json"), "tracking_uri": uri}
+
+    @property
+    def uri(self) -> str:
+        return self.state["tracking_uri"]
+
+    @property
+    def parent(self) -> str:
+        return self.state["parent_run_id"]
+
+    def check(self) -> None:
+        """Every input that can be checked without computing: a missing optional package, an
+        unwritable runs root, a wrong model name or weights file, an unreachable tracking
+        server fail now, not after stage 0 or 1 has trained something."""
+        cfg = self.cfg
+        cfg.refine.check_available()
+        output_folder(cfg.runtime.runs_root, "runtime.runs_root")
+        if cfg.import_cams is None:  # else no classifier is trained
+            cfg.classifier.backbone()
+        if cfg.trial.backbone is not None and cfg.trial.backbone_weights is not None:
+            create_backbone(cfg.trial.backbone, cfg.trial.output_stride,
+                            cfg.trial.backbone_weights,
+                            keys=("trial.backbone", "trial.backbone_weights"))
+        if cfg.search.stage2:
+            build_model(cfg.segmentation, num_classes=2)  # the class count does not matter
+        tracking.check_reachable(self.uri)
+
+    def run(self) -> SearchResult:
+        self.check()
+        with ray_session(self.address):  # a wrong address fails before anything is written
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with (stores_in_use(self.cfg.runtime.runs_root),
+                  locking.held(self.folder / LOCK_FILE, f"search folder {self.folder}")):
+                return self._phases()
+
+    def _phases(self) -> SearchResult:
+        """Every phase in order; the parent run ends FINISHED, FAILED or KILLED."""
+        self.begin()
+        status, selection = "FAILED", None
+        try:
+            prepared = self.stage0()
+            table = self.stage1(prepared)
+            candidates = self.promotion(table)
+            if self.cfg.search.stage2:
+                candidates = self.stage2(prepared, candidates)
+            selection = self.selection(table, candidates)
+            report = self.report()
+            status = "FINISHED"
+        except UserError:
+            if self.phase == "stage 0" and not self.resume:  # no trial ran: the corrected
+                (self.folder / STATE_FILE).unlink()  # command, not a resume, starts afresh
+            raise
+        except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (`tune.interrupts`)
+            status = "KILLED"
+            raise self._interrupted(getattr(e, "signum", signal.SIGINT),
+                                    selection is not None) from None
+        finally:
+            tracking.close_children(self.uri, self.parent,
+                                    interrupted=interrupts.received() is not None)
+            tracking.finish(self.uri, self.parent, status)
+        return SearchResult(self.folder, self.uri, self.parent, table, candidates, selection,
+                            report)
+
+    def _interrupted(self, signum: int, selected: bool) -> interrupts.Interrupted:
+        done = ("its pair is selected (selection.json), its report and MLflow records are not "
+                "finished" if selected else "nothing was selected from it")
+        return interrupts.Interrupted(
+            signum, f"search {self.cfg.name} interrupted ({signal.Signals(signum).name}) in "
+                    f"{self.phase}: {done}; continue it with: wsss-tune search --resume "
+                    f"{self.folder}")
+
+    def begin(self) -> None:
+        """A new search: its MLflow parent run and the state a resume needs (atomic); a
+        resumed one: its parent run RUNNING again."""
+        if self.resume:
+            tracking.reopen(self.uri, self.parent)
+            return
+        if (self.folder / STATE_FILE).exists():
+            raise UserError(f"search folder {self.folder} already holds a search: resume it "
+                            f"with --resume {self.folder}, or give this one another name "
+                            f"(--set name=...)")
+        self.state["parent_run_id"] = start_parent(self.cfg, self.uri)
+        try:
+            write_json_atomic(self.folder / STATE_FILE, self.state)
+        except BaseException:  # no search began: its parent run must not stay RUNNING
+            tracking.finish(self.uri, self.parent, "KILLED")
+            raise
+
+    def stage0(self) -> Prepared:
+        """Data, classifier, CAMs and frozen features, cached under ``<runs_root>/stores``;
+        the stores it uses are recorded (what `wsss-tune gc` keeps)."""
+        cfg = self.cfg
+        if cfg.runtime.progress:
+            say(f"stage 0: data, classifier, CAMs and frozen features (cached in "
+                f"{cfg.runtime.runs_root / 'stores'})")
+        prepared = stage0(cfg)
+        self.state["stores"] = sorted(p.name for p in prepared.cached)
+        write_json_atomic(self.folder / STATE_FILE, self.state)
+        return prepared
+
+    def _context(self, prepared: Prepared, cpus: float, gpus: float,
+                 **extra: Any) -> TrialContext:
+        cfg = self.cfg
+        return TrialContext(prepared.ref(cfg.data, cfg.trial.subset), cfg.trial, cfg.refine,
+                            cfg.search.objective, cfg.search.rank_epoch, max(1, int(cpus)),
+                            trial_device(cfg.runtime.device, gpus), **extra)
+
+    def _check_cluster(self) -> None:
+        """Before a phase runs trials on a cluster, every node must read the folders they
+        write and find the dataset (`tune.cluster`); nodes may join between phases."""
+        if self.address is not None:
+            cfg = self.cfg
+            cluster.check_cluster({"search folder": self.folder,
+                                   "stores folder": cfg.runtime.runs_root / "stores"},
+                                  present={"data.root": cfg.data.root})
+
+    def stage1(self, prepared: Prepared) -> pd.DataFrame:
+        """Every stage-1 trial under Ray Tune; writes ``stage1.csv`` (one row per trial: its
+        metrics at the ranking epoch) and ``stage1_epochs.csv`` (one row per trial and epoch)."""
+        self.phase = "stage 1"
+        self._check_cluster()
+        cfg, search = self.cfg, self.cfg.search
+        param_space, algo, num_samples = stage1_space(search)
+        reports, stage_dir = cfg.refine.reports, self.folder / "stage1"
+        scheduler = None
+        if search.scheduler == "asha" and reports > 1:  # one report (crf): nothing to stop
+            scheduler = ResumableASHA(stage_dir / ASHA_STATE, time_attr="training_iteration",
+                                      max_t=reports,
+                                      grace_period=min(search.grace_period, reports),
+                                      reduction_factor=search.reduction_factor)
+        context = self._context(prepared, search.cpus_per_trial, search.gpus_per_trial)
+        trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
+                                        {"cpu": search.cpus_per_trial,
+                                         "gpu": search.gpus_per_trial})
+        total = len(param_space["pair"]["grid_search"]) if param_space else num_samples
+
+        def new() -> tune.Tuner:
+            if cfg.runtime.progress:
+                stopping = ("ASHA" if scheduler else "no early stopping" + (
+                    f" ({cfg.refine.method} does not train: one report per trial)"
+                    if reports == 1 and search.scheduler == "asha" else ""))
+                say(f"stage 1: {total} trials ({search.space} space), refiner "
+                    f"{cfg.refine.method}, objective {search.objective}, {stopping}, up to "
+                    f"{search.max_concurrent} at a time")
+            callbacks = [tracking.TrialRuns(self.uri, self.parent, 1, reports)] + (
+                [Stage1Progress(total, reports, search.objective)]
+                if cfg.runtime.progress else [])
+            return tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(metric="objective", mode="max",
+                                            scheduler=scheduler, search_alg=algo,
+                                            num_samples=num_samples,
+                                            max_concurrent_trials=search.max_concurrent,
+                                            reuse_actors=True),
+                run_config=self._run_config("stage1", callbacks))
+
+        results = fit(tuner_for(stage_dir, trainable, param_space, new, self.resume))
+        runs = tracking.child_runs(self.uri, self.parent, 1)
+        table, curves = trials_table(results, runs, search.rank_epoch)
+        write_csv_atomic(table, self.folder / "stage1.csv")
+        write_csv_atomic(curves, self.folder / "stage1_epochs.csv")
+        return table
+
+    def _run_config(self, name: str, callbacks: list[tune.Callback]) -> tune.RunConfig:
+        return tune.RunConfig(name=name, storage_path=str(self.folder), verbose=0,
+                              checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                              callbacks=callbacks)
+
+    def promotion(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The candidates for stage 2 (`promote`), recorded in ``candidates.json``."""
+        self.phase = "promotion"
+        search = self.cfg.search
+        candidates = promote(table, k=search.top_k, policy=search.policy,
+                             epochs=self.cfg.refine.reports)
+        write_json_atomic(self.folder / "candidates.json", {
+            "objective": search.objective, "policy": search.policy, "top_k": search.top_k,
+            "mlflow_parent_run_id": self.parent,
+            "candidates": candidates[["bg", "fg", "objective", "trial_id", "mlflow_run_id"]]
+            .to_dict(orient="records")})
+        return candidates
+
+    def stage2(self, prepared: Prepared, candidates: pd.DataFrame) -> pd.DataFrame:
+        """DeepLabv3+ on each candidate's pseudo-labels (whole train split); returns the
+        candidates with their last ``val_miou`` and the checkpoint holding the trained model,
+        and writes ``stage2.csv`` and ``stage2_epochs.csv``."""
+        self.phase = "stage 2"
+        self._check_cluster()
+        cfg, search, seg = self.cfg, self.cfg.search, self.cfg.segmentation
+        cpus = search.stage2_cpus_per_trial or search.cpus_per_trial
+        gpus = search.stage2_gpus_per_trial
+        if gpus is None:  # a whole GPU per DeepLabv3+ training wherever the cluster has one
+            gpus = (1.0 if cfg.runtime.device != "cpu"
+                    and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
+        context = self._context(prepared, cpus, gpus, segmentation=seg)
+        grid = [{"pair": Pair(r.bg, r.fg)._asdict(), "checkpoint": r.checkpoint}
+                for r in candidates.itertuples()]
+        trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
+                                        {"cpu": cpus, "gpu": gpus})
+        param_space = {"candidate": tune.grid_search(grid)}
+
+        def new() -> tune.Tuner:
+            if cfg.runtime.progress:
+                say(f"stage 2: DeepLabv3+ ({seg.encoder}) on {len(grid)} candidates' "
+                    f"pseudo-labels, {seg.epochs} epochs each")
+            callbacks = [tracking.TrialRuns(self.uri, self.parent, 2, seg.epochs)] + (
+                [Stage2Progress(seg.epochs)] if cfg.runtime.progress else [])
+            return tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=search.stage2_max_concurrent or len(grid),
+                    reuse_actors=True),
+                run_config=self._run_config("stage2", callbacks))
+
+        # a resumed search: finished trainings stay done (stage 2 is never resumed from
+        # another search's state: it only exists once stage 1 finished here)
+        results = fit(tuner_for(self.folder / "stage2", trainable, param_space, new, True))
+        rows, curves = stage2_rows(results, seg.epochs, tracking.child_runs(
+            self.uri, self.parent, 2), self.folder)
+        candidates = candidates.merge(rows, on=["bg", "fg"], how="left")
+        write_csv_atomic(candidates.drop(columns=["checkpoint"]), self.folder / "stage2.csv")
+        write_csv_atomic(curves, self.folder / "stage2_epochs.csv")
+        return candidates
+
+    def selection(self, table: pd.DataFrame, candidates: pd.DataFrame) -> dict[str, Any]:
+        """The pair and its evidence (``selection.json``, ``thresholds.yaml``), also recorded
+        on the MLflow runs."""
+        self.phase = "selection"
+        cfg = self.cfg
+        selection = write_selection(cfg, self.folder, candidates, cfg.search.pick,
+                                    cfg.search.policy)
+        tracking.record_selection(self.uri, self.parent, selection, table, candidates,
+                                  finished_pairs(table, cfg.refine.reports))
+        return selection
+
+    def report(self) -> Path:
+        """The HTML report (`tune.report`) and the search's tables, also logged as the parent
+        run's artifacts."""
+        from tune.report import write_report
+
+        self.phase = "report"
+        if self.cfg.runtime.progress:
+            say("writing the report ...")
+        index = write_report(self.folder)
+        tracking.log_folder(self.uri, self.parent, index.parent, "report")
+        tracking.log_artifacts(self.uri, self.parent, [self.folder / n for n in (
+            "stage1.csv", "stage1_epochs.csv", "candidates.json", "stage2.csv",
+            "stage2_epochs.csv", "selection.json", "thresholds.yaml")])
+        return index
+
+
+def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | None = None,
+               resume: bool = False) -> SearchResult:
+    """`Search` ``(cfg, ...).run()``."""
+    return Search(cfg, address=address, tracking_uri=tracking_uri, resume=resume).run()
+
+
+def start_parent(cfg: Config, uri: str) -> str:
+    """The search's MLflow parent run: its config as params (only the chosen refiner's
+    section: the others would be noise) and what reproducing it needs as tags."""
+    config = cfg.model_dump(mode="json")
+    method = cfg.refine.method
+    logged = {**config, "refine": {k: v for k, v in config["refine"].items()
+                                   if k in ("method", method)}}
+    seeds = {"classifier": cfg.classifier.seed, "trial": cfg.trial.seed,
+             "search": cfg.search.seed}
+    # the first search under a runs root creates its MLflow database; two at once would race
+    with locking.held(cfg.runtime.runs_root / ".mlflow.lock"):
+        return tracking.start_parent(uri, cfg.name, logged,
+                                     tracking.provenance(seeds, digest(config)))
 
 
 def stage1_space(search: SearchConfig) -> tuple[dict[str, Any], OptunaSearch | None, int]:
     """(param_space, search algorithm, num_samples) for the configured space."""
     if search.space in GRID_SPACES:
         pairs = grid_pairs(search.space, search.pairs)
-        return {"pair": tune.grid_search([list(p) for p in pairs])}, None, 1
+        return {"pair": tune.grid_search([p._asdict() for p in pairs])}, None, 1
     sampler = (optuna.samplers.TPESampler(seed=search.seed) if search.space == "optuna"
                else optuna.samplers.RandomSampler(seed=search.seed))
     gap = search.bounds.min_gap
-    warm = ([{"bg": bg, "fg": fg} for bg, fg in grid_pairs("paper") if fg - bg >= gap]
+    warm = ([p._asdict() for p in grid_pairs("paper") if p.fg - p.bg >= gap]
             if search.warm_start_grid else None)
     algo = OptunaSearch(space=DefineByRun(search.bounds), metric="objective", mode="max",
                         sampler=sampler, points_to_evaluate=warm)
@@ -63,52 +379,6 @@ def trial_device(device: str, gpus: float) -> str:
     """A trial uses a GPU only when Ray gave it one: Ray leaves ``CUDA_VISIBLE_DEVICES`` alone
     for a trial without GPUs, so ``auto`` would put every such trial on GPU 0 unaccounted."""
     return device if gpus > 0 else "cpu"
-
-
-def run_stage1(cfg: Config, prepared: Prepared, search_dir: Path, tracking_uri: str,
-               parent_run_id: str, resume: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run every stage-1 trial under Ray Tune; returns one row per trial (its metrics at the
-    ranking epoch) and one row per trial and epoch."""
-    search, threads = cfg.search, max(1, int(cfg.search.cpus_per_trial))
-    param_space, algo, num_samples = stage1_space(search)
-    scheduler, reports = None, cfg.refine.reports
-    stage_dir = search_dir / "stage1"
-    if search.scheduler == "asha" and reports > 1:  # one report (crf): nothing to stop early
-        scheduler = ResumableASHA(stage_dir / ASHA_STATE, time_attr="training_iteration",
-                                  max_t=reports, grace_period=min(search.grace_period, reports),
-                                  reduction_factor=search.reduction_factor)
-    context = trial_context(cfg.data, (cfg.trial, cfg.refine), prepared, search.objective,
-                            search.rank_epoch, threads, tracking_uri, parent_run_id,
-                            trial_device(cfg.runtime.device, search.gpus_per_trial))
-    trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
-                                    {"cpu": search.cpus_per_trial, "gpu": search.gpus_per_trial})
-    if resume and restorable(stage_dir):
-        tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=param_space)
-        return _trials_table(_fit(tuner), tracking_uri, search.rank_epoch)
-    total = len(param_space["pair"]["grid_search"]) if param_space else num_samples
-    if cfg.runtime.progress:
-        stopping = ("ASHA" if scheduler else "no early stopping" + (
-            f" ({cfg.refine.method} does not train: one report per trial)"
-            if reports == 1 and search.scheduler == "asha" else ""))
-        say(f"stage 1: {total} trials ({search.space} space), refiner {cfg.refine.method}, "
-            f"objective {search.objective}, {stopping}, up to {search.max_concurrent} at a time")
-    callbacks = [tracking.CloseStoppedRuns(tracking_uri, reports)] + (
-        [Stage1Progress(total, reports, search.objective)]
-        if cfg.runtime.progress else [])
-    tuner = tune.Tuner(
-        trainable, param_space=param_space,
-        tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
-                                    search_alg=algo, num_samples=num_samples,
-                                    max_concurrent_trials=search.max_concurrent,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name="stage1", storage_path=str(search_dir),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                  callbacks=callbacks, verbose=0))
-    return _trials_table(_fit(tuner), tracking_uri, search.rank_epoch)
-
-
-ASHA_STATE = "asha-state.pkl"  # `ResumableASHA`'s rungs, beside Tune's experiment state
 
 
 def restorable(stage_dir: Path) -> bool:
@@ -124,16 +394,26 @@ def restorable(stage_dir: Path) -> bool:
     return False
 
 
-def _fit(tuner: tune.Tuner) -> tune.ResultGrid:
+def tuner_for(stage_dir: Path, trainable: Any, param_space: dict[str, Any],
+              new: Callable[[], tune.Tuner], resume: bool) -> tune.Tuner:
+    """The stage's Tuner restored from its folder when resuming what Tune recorded there
+    (unfinished and failed trials run again), else ``new()``."""
+    if resume and restorable(stage_dir):
+        return tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
+                                  resume_errored=True, param_space=param_space)
+    return new()
+
+
+def fit(tuner: tune.Tuner) -> tune.ResultGrid:
     """``tuner.fit()``; a stop signal ends it gracefully (Tune saves its state), then
     raises `tune.interrupts.Interrupted`."""
     with interrupts.tune_loop():
         return tuner.fit()
 
 
-def _failure(result: tune.Result, stage: int, tracking_uri: str) -> str | None:
-    """None for a trial that ran without error; else one line saying why, with its MLflow run
-    marked FAILED (a stopped trial's run is closed as FINISHED, this one must not be)."""
+def _failure(result: tune.Result, stage: int) -> str | None:
+    """None for a trial that ran without error; else one line saying why (its MLflow run was
+    marked FAILED by `tracking.TrialRuns`)."""
     if result.error is None:
         return None
     lines = [line for line in str(result.error).splitlines() if line.strip()]
@@ -142,111 +422,59 @@ def _failure(result: tune.Result, stage: int, tracking_uri: str) -> str | None:
     if "bg" not in metrics:
         raise UserError(f"a stage-{stage} trial failed before its first report: {reason} "
                         f"(its log: {result.path}/error.txt)")
-    tracking.finish(tracking_uri, metrics["mlflow_run_id"], "FAILED")
     log.warning("stage-%d trial (%g, %g) failed after %d epochs and is not ranked: %s "
                 "(wsss-tune search --resume retries it)", stage, metrics["bg"], metrics["fg"],
                 metrics.get("training_iteration", 0), reason)
     return reason
 
 
-RAY_KEYS = ("timestamp", "pid", "time_since_restore", "iterations_since_restore",
-            "time_this_iter_s", "time_total_s", "done")
+def _metrics(frame: pd.DataFrame) -> pd.DataFrame:
+    """A table of reports without Tune's bookkeeping and config columns."""
+    tune_columns = tracking.NOT_LOGGED - {"bg", "fg", "epoch", "training_iteration", "trial_id"}
+    return frame[[c for c in frame if c not in tune_columns and c != "logdir"
+                  and not c.startswith("config/")]]
 
 
-def _numbers(row: dict[str, Any]) -> dict[str, Any]:
-    """A report's metrics, without Ray's bookkeeping."""
-    return {k: v for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in RAY_KEYS}
-
-
-def _history(result: tune.Result, step: str = "epoch") -> pd.DataFrame:
+def _history(result: tune.Result) -> pd.DataFrame:
     """Every epoch a trial reported, once each (an epoch re-run after a crash keeps its last
-    report), numbered by ``step`` in column ``epoch``."""
+    report)."""
     frame = result.metrics_dataframe
-    if frame is None or step not in frame:
+    if frame is None or "epoch" not in frame:
         return pd.DataFrame()
-    frame = frame.drop(columns=["epoch"] if step != "epoch" and "epoch" in frame else [])
-    return (frame.rename(columns={step: "epoch"}).drop_duplicates("epoch", keep="last")
+    return (_metrics(frame).drop_duplicates("epoch", keep="last")
             .sort_values("epoch", ignore_index=True))
 
 
-def _ranking_row(result: tune.Result, history: pd.DataFrame, rank_epoch: str) -> dict[str, Any]:
-    """A trial's metrics at its ranking epoch (docs: ``search.rank_epoch``): the last epoch, or
-    the epoch with the best driving objective (the earliest on ties). ``training_iteration``
-    stays the number of epochs trained, which promotion checks."""
-    last = _numbers(result.metrics)
-    if rank_epoch != "best" or history.empty or "objective" not in history:
-        return {**last, "rank_epoch": last.get("epoch", 0)}
-    best = history.loc[history["objective"].idxmax()]
-    return {**last, **_numbers(best.to_dict()), "training_iteration":
-            last["training_iteration"], "rank_epoch": int(best["epoch"])}
-
-
-def _trials_table(results: tune.ResultGrid, tracking_uri: str,
-                  rank_epoch: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per trial (its id, MLflow run, whether it failed and its metrics at the ranking
-    epoch), and one row per trial and epoch (the learning curves)."""
-    rows, curves = [], []
-    for result in results:
-        failed = _failure(result, 1, tracking_uri) is not None
-        history = _history(result)
-        rows.append({"trial_id": result.metrics["trial_id"],
-                     "mlflow_run_id": result.metrics["mlflow_run_id"],
-                     "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                     "failed": int(failed), **_ranking_row(result, history, rank_epoch)})
-        if not history.empty:
-            curves.append(history[[c for c in history if c in ("trial_id", "bg", "fg")
-                                   or c in _numbers(history.iloc[0].to_dict())]])
-    table = pd.DataFrame(rows).sort_values(["bg", "fg"], ignore_index=True)
+def trials_table(results: tune.ResultGrid, runs: dict[str, str],
+                 rank_epoch: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per trial: its id, MLflow run, checkpoint, whether it failed, and its metrics at
+    its ranking epoch (docs: ``search.rank_epoch``): the last epoch, or the one with the best
+    driving objective (the earliest on ties); ``training_iteration`` stays the number of epochs
+    trained, which promotion checks. And one row per trial and epoch (the learning curves)."""
+    failed = {r.metrics["trial_id"]: int(_failure(r, 1) is not None) for r in results}
+    checkpoints = {r.metrics["trial_id"]: r.checkpoint.path if r.checkpoint else None
+                   for r in results}
+    last = _metrics(results.get_dataframe())
+    table = last
+    if rank_epoch == "best":
+        trained = last.set_index("trial_id")["training_iteration"]
+        table = _metrics(results.get_dataframe(filter_metric="objective", filter_mode="max"))
+        table = table.assign(training_iteration=table.trial_id.map(trained))
+    table = table.assign(rank_epoch=table.epoch.astype(int), failed=table.trial_id.map(failed),
+                         checkpoint=table.trial_id.map(checkpoints),
+                         mlflow_run_id=table.trial_id.map(runs))
+    first = ["bg", "fg", "trial_id", "mlflow_run_id", "checkpoint", "failed",
+             "training_iteration", "rank_epoch"]
+    table = table[first + [c for c in table if c not in first]]
+    curves = [h.assign(trial_id=r.metrics["trial_id"]) for r in results
+              if not (h := _history(r)).empty]
     epochs = (pd.concat(curves, ignore_index=True).sort_values(["bg", "fg", "epoch"],
                                                               ignore_index=True)
               if curves else pd.DataFrame())
-    return table, epochs
+    return table.sort_values(["bg", "fg"], ignore_index=True), epochs
 
 
-def run_stage2(cfg: Config, candidates: pd.DataFrame, prepared: Prepared, search_dir: Path,
-               tracking_uri: str, parent_run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """DeepLabv3+ on each promoted pair's pseudo-labels (whole train split); one row per
-    candidate with its last ``val_miou`` and the checkpoint holding its trained model, and one
-    row per candidate and epoch."""
-    search = cfg.search
-    cpus = search.stage2_cpus_per_trial or search.cpus_per_trial
-    gpus = search.stage2_gpus_per_trial
-    if gpus is None:  # a whole GPU per DeepLabv3+ training wherever the cluster has one
-        gpus = (1.0 if cfg.runtime.device != "cpu"
-                and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
-    context = {**trial_context(cfg.data, (cfg.trial, cfg.refine), prepared, search.objective,
-                               search.rank_epoch, max(1, int(cpus)), tracking_uri,
-                               parent_run_id, trial_device(cfg.runtime.device, gpus)),
-               "segmentation": cfg.segmentation.model_dump(mode="json")}
-    grid = [{"bg": r.bg, "fg": r.fg, "checkpoint": r.checkpoint}
-            for r in candidates.itertuples()]
-    trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
-                                    {"cpu": cpus, "gpu": gpus})
-    stage_dir = search_dir / "stage2"
-    param_space = {"candidate": tune.grid_search(grid)}
-    if restorable(stage_dir):  # a resumed search: finished ones stay done
-        tuner = tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space=param_space)
-    else:
-        if cfg.runtime.progress:
-            say(f"stage 2: DeepLabv3+ ({cfg.segmentation.encoder}) on {len(grid)} candidates' "
-                f"pseudo-labels, {cfg.segmentation.epochs} epochs each")
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=search.stage2_max_concurrent or len(grid),
-                reuse_actors=True),
-            run_config=tune.RunConfig(
-                name="stage2", storage_path=str(search_dir), verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[Stage2Progress(cfg.segmentation.epochs)] if cfg.runtime.progress
-                else []))
-    rows, epochs = stage2_rows(_fit(tuner), cfg.segmentation.epochs, tracking_uri, search_dir)
-    return candidates.merge(rows, on=["bg", "fg"], how="left"), epochs
-
-
-def stage2_rows(results: Iterable[tune.Result], epochs: int, tracking_uri: str,
+def stage2_rows(results: Iterable[tune.Result], epochs: int, runs: dict[str, str],
                 search_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per finished or failed DeepLabv3+ training (val mIoU of a finished one), and its
     curves. A training that neither finished nor failed was interrupted: nothing may then be
@@ -254,18 +482,20 @@ def stage2_rows(results: Iterable[tune.Result], epochs: int, tracking_uri: str,
     rows, curves, unfinished = [], [], 0
     for result in results:
         m = result.metrics or {}
-        history = _history(result, "training_iteration")
+        history = _history(result)
         if not history.empty:
             curves.append(history[[c for c in ("bg", "fg", "epoch", "seg_loss", "val_miou")
                                    if c in history]])
-        failed = _failure(result, 2, tracking_uri) is not None
-        done = not failed and m.get("training_iteration", 0) >= epochs
+        failed = _failure(result, 2) is not None
+        done = not failed and m.get("epoch", 0) >= epochs
         if not (failed or done):
             unfinished += 1
             continue
-        rows.append({"bg": m["bg"], "fg": m["fg"], "stage2_failed": int(not done),
+        pair = Pair.of(m)
+        rows.append({**pair._asdict(), "stage2_failed": int(not done),
                      "val_miou": m.get("val_miou", float("nan")) if done else float("nan"),
-                     "seg_loss": m["seg_loss"], "stage2_run_id": m["mlflow_run_id"],
+                     "seg_loss": m["seg_loss"],
+                     "stage2_run_id": runs.get(tracking.stage2_key(pair)),
                      "stage2_checkpoint": result.checkpoint.path if result.checkpoint else None})
     if unfinished:
         raise UserError(f"stage 2 stopped with {unfinished} of {len(rows) + unfinished} "
@@ -369,100 +599,48 @@ def reselect(folder: Path, *, policy: str | None = None,
     return write_selection(cfg, folder, candidates, pick, policy), missing
 
 
-def export_run_labels(folder: Path, out: Path,
-                      pair: tuple[float, float] | None = None) -> tuple[int, float, float]:
+def export_run_labels(folder: Path, out: Path, pair: Pair | None = None) -> tuple[int, Pair]:
     """Pseudo-labels of the whole train split for a searched pair (default: the selected one),
-    made by that pair's stage-1 refiner; returns (count, bg, fg)."""
+    made by that pair's stage-1 refiner; returns (count, pair)."""
     output_folder(out, "--out")  # before any refinement
     cfg = saved_config(folder)
     if pair is None:
         if not (folder / "selection.json").is_file():
             raise UserError(f"{folder} has no selection.json yet: give --pair BG,FG")
-        chosen = json.loads((folder / "selection.json").read_text())["pair"]
-        pair = (chosen["bg"], chosen["fg"])
+        pair = Pair.of(json.loads((folder / "selection.json").read_text()))
     table = pd.read_csv(folder / "stage1.csv")
-    match = table[((table.bg - pair[0]).abs() < 1e-9) & ((table.fg - pair[1]).abs() < 1e-9)]
+    match = pair.rows_in(table)
     if match.empty or pd.isna(match.iloc[0].checkpoint):
-        searched = ", ".join(f"{r.bg:g},{r.fg:g}" for r in table.itertuples())
-        raise UserError(f"pair {pair[0]:g},{pair[1]:g} has no stage-1 trial in {folder}; "
-                        f"searched pairs: {searched}")
+        searched = ", ".join(Pair(r.bg, r.fg).label for r in table.itertuples())
+        raise UserError(f"pair {pair.label} has no stage-1 trial in {folder}; searched "
+                        f"pairs: {searched}")
     with stores_in_use(cfg.runtime.runs_root):
         prepared = stage0(cfg).whole_split(cfg.trial, cfg.refine.needs_features,
                                            cfg.runtime.device)
-        trial = restored_trial(prepared, (cfg.trial, cfg.refine), pair[0], pair[1],
+        trial = restored_trial(prepared, (cfg.trial, cfg.refine), pair,
                                Path(match.iloc[0].checkpoint), cfg.search.rank_epoch,
                                cfg.runtime.device)
-        return export_labels(trial.pseudo_labels(), out), pair[0], pair[1]
-
-
-def search_folder(cfg: Config) -> Path:
-    return cfg.runtime.runs_root / cfg.name
-
-
-STATE_FILE = "search.json"
-LOCK_FILE = ".search.lock"  # held by the search running in the folder (`tune.locking`)
-
-
-def begin_search(cfg: Config, folder: Path, tracking_uri: str | None) -> dict[str, Any]:
-    """A new search: its folder, MLflow parent run and the state a resume needs (atomic)."""
-    if (folder / STATE_FILE).exists():
-        raise UserError(f"search folder {folder} already holds a search: resume it with "
-                        f"--resume {folder}, or give this one another name (--set name=...)")
-    folder.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or tracking.default_uri(cfg.runtime.runs_root)
-    config = cfg.model_dump(mode="json")
-    seeds = {"classifier": cfg.classifier.seed, "trial": cfg.trial.seed,
-             "search": cfg.search.seed}
-    method = cfg.refine.method  # the other refiners' sections would be noise among the params
-    logged = {**config, "refine": {k: v for k, v in config["refine"].items()
-                                   if k in ("method", method)}}
-    # the first search under a runs root creates its MLflow database; two at once would race
-    with locking.held(cfg.runtime.runs_root / ".mlflow.lock"):
-        parent = tracking.start_parent(uri, cfg.name, logged,
-                                       tracking.provenance(seeds, digest(config)))
-    state = {"config": config, "tracking_uri": uri, "parent_run_id": parent}
-    try:
-        write_json_atomic(folder / STATE_FILE, state)
-    except BaseException:  # no search began: its parent run must not stay RUNNING
-        tracking.finish(uri, parent, "KILLED")
-        raise
-    return state
-
-
-def load_state(folder: Path) -> dict[str, Any]:
-    """What `run_search` recorded when it began: config, tracking URI, parent run id."""
-    path = Path(folder) / STATE_FILE
-    if not path.is_file():
-        raise UserError(f"{folder} is not a search folder ({STATE_FILE} not found)")
-    return json.loads(path.read_text())
-
-
-def saved_config(folder: Path) -> Config:
-    """The config a search in ``folder`` was started with."""
-    return Config.model_validate(load_state(folder)["config"])
-
-
-def _folders(cfg: Config, folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
-    """What every node of a cluster must read at the same path (`tune.cluster`): the folders
-    trials write or that grow (shared), and the dataset (shared or copied)."""
-    return ({"search folder": folder, "stores folder": cfg.runtime.runs_root / "stores"},
-            {"data.root": cfg.data.root})
+        return export_labels(trial.pseudo_labels(), out), pair
 
 
 @contextmanager
-def ray_session(address: str | None, uri: str, parent: str,
-                shared: dict[str, Path] | None = None,
-                present: dict[str, Path] | None = None) -> Iterator[None]:
-    """One stage's Ray session: a local cluster unless ``address`` (or ``RAY_ADDRESS``) names
-    one, whose nodes must then all read the ``shared`` folders, find the ``present`` ones and
-    reach ``uri`` (checked before any trial starts); afterwards every child run a stopped trial
-    left RUNNING is closed, and a local Ray's session folder is removed (kept, and named, when
-    the stage failed)."""
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # docs/search.md: resume loses no trial
-    # frequent experiment snapshots are deliberate (they make resume exact): no warning for them
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress lines replace Ray's tables
-    address = cluster.resolve_address(address)
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (unless the user set them) for the duration."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """A search's Ray session: a local cluster unless ``address`` names one (connecting fails
+    in one line when it cannot be reached). Afterwards a local Ray's session folder is
+    removed (kept, and named, when the search failed with an error of its own)."""
     session_dir, failed = None, True
     try:
         with interrupts.sheltered():
@@ -478,125 +656,15 @@ def ray_session(address: str | None, uri: str, parent: str,
                 session_dir = context.address_info.get("session_dir")
             else:
                 cluster.connect(address)
-        if address is not None:
-            cluster.check_cluster(shared or {}, uri, present=present)
-        yield
+        with scoped_environ(TUNE_ENVIRONMENT):
+            yield
         failed = False
-    except KeyboardInterrupt:
-        failed = False  # nothing in Ray's logs explains an interrupt
+    except (KeyboardInterrupt, UserError):
+        failed = False  # nothing in Ray's logs explains an interrupt or a user's error
         raise
     finally:
         ray.shutdown()
-        tracking.close_children(uri, parent, interrupted=interrupts.received() is not None)
         if session_dir and not failed:  # a local Ray's logs (tens of MB a search) go with it
             shutil.rmtree(session_dir, ignore_errors=True)
         elif session_dir:
-            log.warning("Ray's logs of this failed stage are kept in %s", session_dir)
-
-
-def check_models(cfg: Config) -> None:
-    """Build every model a weights file or a model name is given for, so that a wrong name or
-    file fails now, not after stage 0 or 1 has trained something."""
-    if cfg.import_cams is None:  # else no classifier is trained
-        cfg.classifier.backbone()
-    if cfg.trial.backbone is not None and cfg.trial.backbone_weights is not None:
-        create_backbone(cfg.trial.backbone, cfg.trial.output_stride, cfg.trial.backbone_weights,
-                        keys=("trial.backbone", "trial.backbone_weights"))
-    if cfg.search.stage2:
-        build_model(cfg.segmentation, num_classes=2)  # the class count does not matter here
-
-
-def run_search(cfg: Config, *, address: str | None = None, tracking_uri: str | None = None,
-               resume: bool = False) -> dict[str, Any]:
-    """The whole search: stage 0, stage 1, promotion to ``candidates.json``, stage 2 (unless
-    ``search.stage2`` is off) and selection, in the search folder; an MLflow parent run for the
-    search with a child per trial. ``resume`` continues a search that was killed: finished
-    trials are not rerun, stopped ones continue from their checkpoint."""
-    if (cluster_address := cluster.resolve_address(address)) is not None:
-        cluster.connect(cluster_address)  # a wrong address or token fails now, not after stage 0
-        ray.shutdown()
-    cfg.refine.check_available()  # a missing optional package fails now, not in every trial
-    output_folder(cfg.runtime.runs_root, "runtime.runs_root")  # writable, before any work
-    check_models(cfg)
-    folder = search_folder(cfg)
-    if resume:  # a wrong folder fails here, before anything is created in it
-        tracking.check_reachable(load_state(folder)["tracking_uri"])
-    else:
-        tracking.check_reachable(tracking_uri or "")
-        folder.mkdir(parents=True, exist_ok=True)
-    with (stores_in_use(cfg.runtime.runs_root),
-          locking.held(folder / LOCK_FILE, f"search folder {folder}")):
-        return _run_search(cfg, folder, address, tracking_uri, resume)
-
-
-def _run_search(cfg: Config, folder: Path, address: str | None, tracking_uri: str | None,
-                resume: bool) -> dict[str, Any]:
-    state = load_state(folder) if resume else begin_search(cfg, folder, tracking_uri)
-    uri, parent = state["tracking_uri"], state["parent_run_id"]
-    if resume:
-        tracking.reopen(uri, parent)
-    status, phase, selection = "FAILED", "stage 0", None
-    try:
-        if cfg.runtime.progress:
-            say(f"stage 0: data, classifier, CAMs and frozen features (cached in "
-                f"{cfg.runtime.runs_root / 'stores'})")
-        prepared = stage0(cfg)
-        state["stores"] = sorted(p.name for p in prepared.cached)  # what `wsss-tune gc` keeps
-        write_json_atomic(folder / STATE_FILE, state)
-        phase = "stage 1"
-        with ray_session(address, uri, parent, *_folders(cfg, folder)):
-            table, curves = run_stage1(cfg, prepared, folder, uri, parent, resume=resume)
-        write_csv_atomic(table, folder / "stage1.csv")
-        write_csv_atomic(curves, folder / "stage1_epochs.csv")
-        search = cfg.search
-        candidates = promote(table, k=search.top_k, policy=search.policy,
-                             epochs=cfg.refine.reports)
-        summary = {"objective": search.objective, "policy": search.policy,
-                   "top_k": search.top_k, "mlflow_parent_run_id": parent,
-                   "candidates": candidates[["bg", "fg", "objective", "trial_id",
-                                             "mlflow_run_id"]].to_dict(orient="records")}
-        write_json_atomic(folder / "candidates.json", summary)
-        if search.stage2:
-            phase = "stage 2"
-            with ray_session(address, uri, parent, *_folders(cfg, folder)):
-                candidates, seg_curves = run_stage2(cfg, candidates, prepared, folder, uri,
-                                                    parent)
-            write_csv_atomic(candidates.drop(columns=["checkpoint"]), folder / "stage2.csv")
-            write_csv_atomic(seg_curves, folder / "stage2_epochs.csv")
-        phase = "selection"
-        selection = write_selection(cfg, folder, candidates, search.pick, search.policy)
-        tracking.record_selection(uri, parent, selection, table, candidates,
-                                  finished_pairs(table, cfg.refine.reports))
-        report = finish_report(folder, uri, parent, cfg.runtime.progress)
-        tracking.log_artifacts(uri, parent, [folder / n for n in (
-            "stage1.csv", "stage1_epochs.csv", "candidates.json", "stage2.csv",
-            "stage2_epochs.csv", "selection.json", "thresholds.yaml")])
-        status = "FINISHED"
-    except UserError:
-        if phase == "stage 0" and not resume:  # no trial ran: the corrected command, not a
-            (folder / STATE_FILE).unlink()     # resume of this bad config, starts afresh
-        raise
-    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal (`tune.interrupts`)
-        status, signum = "KILLED", getattr(e, "signum", signal.SIGINT)
-        done = ("its pair is selected (selection.json), its report and MLflow records are not "
-                "finished" if selection is not None else "nothing was selected from it")
-        raise interrupts.Interrupted(signum, f"search {cfg.name} interrupted "
-                                     f"({signal.Signals(signum).name}) in {phase}: {done}; "
-                                     f"continue it with: wsss-tune search --resume "
-                                     f"{folder}") from None
-    finally:
-        tracking.finish(uri, parent, status)
-    return {"table": table, "candidates": candidates, "selection": selection, "folder": folder,
-            "tracking_uri": uri, "parent_run_id": parent, "report": report}
-
-
-def finish_report(folder: Path, uri: str, parent: str, progress: bool) -> Path:
-    """The search's HTML report (`tune.report`), also logged under the parent run's
-    ``report/`` artifacts."""
-    from tune.report import write_report
-
-    if progress:
-        say("writing the report ...")
-    index = write_report(folder)
-    tracking.log_folder(uri, parent, index.parent, "report")
-    return index
+            log.warning("Ray's logs of this failed search are kept in %s", session_dir)

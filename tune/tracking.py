@@ -2,9 +2,10 @@
 
 All searches share one store under the runs root (``sqlite:////abs/runs/mlflow.db``, always an
 absolute URI) so the MLflow UI compares them; a cluster passes a tracking server URI instead.
-Trials log from their own worker with the `MlflowClient` (no global active run: reused Ray actors
-run many trials) under the parent's id, and keep their run id in their checkpoint so a resumed
-trial logs into the same run. `close_children` ends whatever a stopped trial left RUNNING.
+The driver logs every trial's reports into its child run (`TrialRuns`, a Tune callback) with the
+`MlflowClient` (no global active run), so trials on other nodes never call MLflow; a resumed
+trial finds its run again by its key. `close_children` ends whatever a stopped search left
+RUNNING.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT, TRIAL_ID
 
 from tune.progress import pct
+from tune.space import Pair
 from wsss.errors import UserError
+from wsss.objectives import OBJECTIVES
 
 EXPERIMENT = "wsss-tune"
 PACKAGES = ("wsss-tune", "torch", "timm", "ray", "mlflow", "optuna", "numpy",
@@ -221,18 +225,75 @@ def log_folder(uri: str, run_id: str, folder: Path, name: str) -> None:
     MlflowClient(uri).log_artifacts(run_id, str(folder), name)
 
 
-class CloseStoppedRuns(Callback):
-    """Ends a stage-1 trial's child run as soon as ASHA stops the trial (FINISHED,
-    ``stopped_early=true``), so that its duration in MLflow is the trial's own; a trial that
-    trains every epoch ends its run itself."""
+def child_runs(uri: str, parent_id: str, stage: int) -> dict[str, str]:
+    """A stage's child runs by the key they were started with (`start_child`'s ``trial_id``)."""
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_id}' and "
+                              f"tags.stage = '{stage}'", max_results=50000)
+    return {r.data.tags["trial_id"]: r.info.run_id for r in runs}
 
-    def __init__(self, uri: str, epochs: int) -> None:
-        self.uri, self.epochs = uri, epochs
+
+def stage2_key(pair: Pair) -> str:
+    """A DeepLabv3+ training's run key: its pair (a stage 2 restarted from scratch has new
+    Tune trial ids but must find the same runs)."""
+    return f"pair-{pair.bg:g}-{pair.fg:g}"
+
+
+# what Tune adds to every report; the rest of a report is the trial's own metrics
+NOT_LOGGED = frozenset({*AUTO_RESULT_KEYS, DONE, SHOULD_CHECKPOINT, TRIAL_ID, EXPERIMENT_TAG,
+                        "bg", "fg", "epoch"})
+
+
+class TrialRuns(Callback):
+    """Every trial's MLflow child run, kept from the driver: trials need no MLflow access.
+
+    A run is found or started when its trial starts (keyed by Tune's trial id in stage 1, by
+    the pair in stage 2, so a resumed search reopens it), each report is logged at its
+    ``epoch`` unless that step is already there (a trial resumed from an earlier checkpoint
+    re-reports epochs; training is deterministic), and the run ends FINISHED at the last epoch,
+    FINISHED with ``stopped_early=true`` when ASHA stops the trial, FAILED when it fails. The
+    runs an interrupt leaves RUNNING are closed by `close_children`.
+    """
+
+    def __init__(self, uri: str, parent_id: str, stage: int, reports: int) -> None:
+        self.uri, self.parent_id, self.stage, self.reports = uri, parent_id, stage, reports
+        self._runs: dict[str, str] = {}  # Tune trial id -> run id
+        self._logged: dict[str, set[int]] = {}
+
+    def _run(self, trial: Any) -> str:
+        if trial.trial_id not in self._runs:
+            config = trial.config if self.stage == 1 else trial.config["candidate"]
+            pair = Pair.of(config)
+            key = trial.trial_id if self.stage == 1 else stage2_key(pair)
+            run_id = start_child(self.uri, self.parent_id, self.stage, key, pair.bg, pair.fg)
+            self._runs[trial.trial_id] = run_id
+            self._logged[trial.trial_id] = logged_steps(
+                self.uri, run_id, "objective" if self.stage == 1 else "seg_loss")
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        run_id, epoch = self._run(trial), int(result["epoch"])
+        if epoch not in self._logged[trial.trial_id]:
+            skip = NOT_LOGGED | (OBJECTIVES.keys() if result.get("degenerate") else set())
+            log_epoch(self.uri, run_id, {k: v for k, v in result.items() if k not in skip
+                                         and not isinstance(v, bool)}, epoch)
+            self._logged[trial.trial_id].add(epoch)
+        if epoch >= self.reports:
+            finish(self.uri, run_id, **({"stopped_early": "false"} if self.stage == 1 else {}))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
-        if "mlflow_run_id" in result and result.get("training_iteration", 0) < self.epochs:
-            finish(self.uri, result["mlflow_run_id"], stopped_early="true")
+        if self.stage == 1 and result.get("epoch", 0) < self.reports:  # ASHA stopped it
+            finish(self.uri, self._run(trial), stopped_early="true")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        finish(self.uri, self._run(trial), "FAILED")
 
 
 def selection_note(selection: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ bad dataset stops the pipeline at once with a message the user can act on, not d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from PIL import Image
 from pydantic import Field
 
 from wsss.errors import DataError
-from wsss.files import atomic_write_bytes, open_image
+from wsss.files import Digest, atomic_write_bytes, open_image
 from wsss.spec import Spec
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -31,7 +30,6 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 IGNORE = 255
-_CHUNK = 1 << 20
 # IRN stores `cls_labels.npy` keys as ints: "2007_000032" -> 2007000032 (np.loadtxt parses the
 # underscore as a digit separator); ids of that form are looked up under both spellings.
 _INT_ENCODABLE = re.compile(r"\d+(_\d+)*")
@@ -262,31 +260,15 @@ class SegDataset:
         Computed once per object (a new `SegDataset` hashes the files again)."""
         if self._fingerprint is not None:
             return self._fingerprint
-        h = hashlib.blake2b(digest_size=16)
-
-        def text(value: str) -> None:
-            encoded = value.encode()
-            h.update(len(encoded).to_bytes(8, "little") + encoded)
-
-        def file(path: Path) -> None:
-            if not path.is_file():
-                text(f"absent:{path.name}")
-                return
-            text(f"file:{path.name}:{path.stat().st_size}")
-            with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
-
+        h = Digest()
         for name in self.class_names:
-            text(name)
-        text(self.mask_dir)
+            h.text(name)
+        h.text(self.mask_dir)
         if self.cls_labels_path is not None:
-            file(self.cls_labels_path)
+            h.file(self.cls_labels_path)
         for i in range(len(self)):
-            text(self.ids[i])
-            file(self.image_path(i))
-            file(self.mask_path(i))
-        self._fingerprint = h.hexdigest()
+            h.text(self.ids[i]).file(self.image_path(i)).file(self.mask_path(i))
+        self._fingerprint = h.hex()
         return self._fingerprint
 
 

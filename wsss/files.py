@@ -1,4 +1,5 @@
-"""Files written and read safely: atomic writes (temp file + rename), VOC palette PNGs, images.
+"""Files written and read safely: atomic writes (temp file + rename), VOC palette PNGs, images,
+and the one content hash behind every cache key and change check (`Digest`).
 
 Every module that writes an output goes through here, so no reader (nor a resumed run after a
 crash) ever sees a half-written file.
@@ -7,6 +8,7 @@ crash) ever sees a half-written file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -28,6 +30,41 @@ def _umask() -> int:
 
 
 UMASK = _umask()  # read once at import: os.umask can only be read by setting it
+_CHUNK = 1 << 20
+
+
+class Digest:
+    """A content hash (blake2b, 128 bits, hex): stores are keyed by it, so a cache goes stale
+    exactly when what made it changes. Texts are length-prefixed, so parts never run together."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=16)
+
+    def bytes(self, data: bytes) -> Digest:
+        self._hash.update(data)
+        return self
+
+    def text(self, value: str) -> Digest:
+        encoded = value.encode()
+        return self.bytes(len(encoded).to_bytes(8, "little") + encoded)
+
+    def file(self, path: Path) -> Digest:
+        """The file's name, size and bytes (read in chunks), or that it is absent."""
+        if not path.is_file():
+            return self.text(f"absent:{path.name}")
+        self.text(f"file:{path.name}:{path.stat().st_size}")
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                self.bytes(chunk)
+        return self
+
+    def hex(self) -> str:
+        return self._hash.hexdigest()
+
+
+def digest(*parts: Any) -> str:
+    """The `Digest` of JSON-serialisable parts (keys sorted): a cache key of what they make."""
+    return Digest().text(json.dumps(parts, sort_keys=True, default=str)).hex()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

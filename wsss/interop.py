@@ -8,7 +8,6 @@ of label PNGs exactly as their evaluate scripts do, so numbers compare across co
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pydantic import Field
 
 from wsss.data import IGNORE, SegDataset, missing_files
 from wsss.errors import DataError, UserError
-from wsss.files import open_image
+from wsss.files import Digest, open_image
 from wsss.metrics import Protocol, confusion, iou_per_class, mean_iou
 from wsss.spec import Spec
 from wsss.store import CamStore
@@ -188,9 +187,8 @@ def import_cams(fmt: Format, cam_dir: str | Path, data: SegDataset, out: str | P
     paths = _missing_files(cam_dir, data, ".npy", "CAM file")
     if not allow_pickle:
         _refuse_pickles(paths[0], cam_dir)
-    digests = [hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest() for path in paths]
-    files = hashlib.blake2b("\n".join(f"{i} {h}" for i, h in zip(data.ids, digests)).encode(),
-                            digest_size=16).hexdigest()
+    digests = [Digest().bytes(path.read_bytes()).hex() for path in paths]
+    files = Digest().bytes("\n".join(f"{i} {h}" for i, h in zip(data.ids, digests)).encode()).hex()
     manifest = {"kind": "cams", "source": fmt, "resolution": resolution, "cam_dir": str(cam_dir),
                 "files": files, "dataset": data.fingerprint(), "split": data.split,
                 "n_images": len(data), "num_classes": data.num_classes, "dtype": "float16"}
@@ -200,7 +198,7 @@ def import_cams(fmt: Format, cam_dir: str | Path, data: SegDataset, out: str | P
     def parsed() -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
         for path, digest in zip(paths, digests):
             raw = path.read_bytes()
-            if hashlib.blake2b(raw, digest_size=16).hexdigest() != digest:
+            if Digest().bytes(raw).hex() != digest:
                 raise DataError(f"CAM file {path} changed during the import; run it again")
             yield path, *_parse(path, raw, fmt, resolution)
 

@@ -8,7 +8,6 @@ it affects.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -37,7 +36,7 @@ from wsss.classifier import (
 from wsss.data import DataSpec, SegDataset
 from wsss.devices import resolve_device
 from wsss.errors import UserError
-from wsss.files import write_json_atomic
+from wsss.files import digest, write_json_atomic
 from wsss.interop import ImportSpec, import_cams
 from wsss.metrics import threshold_surface
 from wsss.spec import Spec
@@ -69,10 +68,28 @@ class TrialSpec(Spec):
         return self
 
 
-def digest(*parts: Any) -> str:
-    """Short stable hash of JSON-serialisable parts: the cache key of what they produce."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+@dataclass(frozen=True, eq=False)
+class PreparedRef:
+    """The paths a `Prepared` is reopened from (`Prepared.open`): small, picklable, and the
+    same on every node of a cluster that reads the same paths."""
+
+    data: DataSpec
+    cams: Path
+    features: Path | None  # None for refiners that do not train on features
+    classifier: Path | None  # None with imported CAMs
+    subset: int | None
+
+    def key(self) -> str:
+        """A stable text of the whole reference (its cache key in a worker)."""
+        return json.dumps({"data": self.data.model_dump(mode="json"), "cams": str(self.cams),
+                           "features": str(self.features), "classifier": str(self.classifier),
+                           "subset": self.subset}, sort_keys=True)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PreparedRef) and self.key() == other.key()
+
+    def __hash__(self) -> int:  # a worker's cache of opened inputs is keyed by it
+        return hash(self.key())
 
 
 @dataclass
@@ -88,15 +105,22 @@ class Prepared:
     trial_ids: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def ref(self, data: DataSpec, subset: int | None) -> PreparedRef:
+        """Where this lives on disk: what a worker on any node reopens it from."""
+        features = self.features.path if isinstance(self.features, FeatureStore) else None
+        return PreparedRef(data=data, cams=self.cams.path, features=features,
+                           classifier=self.classifier_path, subset=subset)
+
     @classmethod
-    def open(cls, data: DataSpec, cams: Path, features: Path | None,
-             classifier_path: Path | None = None, subset: int | None = None) -> Prepared:
+    def open(cls, ref: PreparedRef) -> Prepared:
         """Reopen what `prepare` built (read-only memory maps, no hashing, no training): how a
         search's trial workers, on any node that reads the same paths, get their inputs."""
+        data = ref.data
         train = data.open("train", require_masks=False)
-        store = None if features is None else FeatureStore(features)
-        ids = list(train.ids[:subset]) if store is None else list(store.ids)
-        return cls(train=train, val=None, classifier_path=classifier_path, cams=CamStore(cams),
+        val = data.open("val") if data.has_split("val") else None
+        store = None if ref.features is None else FeatureStore(ref.features)
+        ids = list(train.ids[:ref.subset]) if store is None else list(store.ids)
+        return cls(train=train, val=val, classifier_path=ref.classifier, cams=CamStore(ref.cams),
                    features=store, trial_ids=ids)
 
     @property

@@ -34,6 +34,9 @@ class Trial:
 
     def __init__(self, prepared: Prepared, trial: TrialSpec, refine: RefineSpec, bg: float,
                  fg: float, *, device: str | torch.device = "cpu"):
+        if refine.needs_features and prepared.features is None:
+            raise ValueError(f"refine.method {refine.method} trains on frozen features, but "
+                             f"these inputs have none: prepare them with features=True")
         self.images = TrialImages(prepared, bg, fg, resolve_device(device), trial.seed)
         self.bg, self.fg = self.images.bg, self.images.fg
         self.refiner = create_refiner(refine, self.images)
