@@ -356,11 +356,22 @@ def test_a_failed_trial_is_marked_failed_in_mlflow_and_said_in_one_line(tmp_path
         tune.report({"bg": 0.1, "fg": 0.3, "epoch": 1, "tecm": 0.5})
         raise RuntimeError("CUDA out of memory")
 
+    def reports(config):
+        for epoch in (1, 2):
+            tune.report({"bg": 0.1, "fg": 0.3, "epoch": epoch, "tecm": 0.5})
+
+    def fit(trainable, name: str, parent_id: str) -> tune.ResultGrid:
+        return tune.Tuner(trainable, param_space={"pair": {"bg": 0.1, "fg": 0.3}},
+                          run_config=tune.RunConfig(
+                              name=name, storage_path=str(tmp_path), verbose=0,
+                              callbacks=[tracking.TrialRuns(uri, parent_id, 1, 2)])).fit()
+
     with ray_session(None):
-        results = tune.Tuner(crashes, param_space={"pair": {"bg": 0.1, "fg": 0.3}},
-                             run_config=tune.RunConfig(
-                                 name="stage1", storage_path=str(tmp_path), verbose=0,
-                                 callbacks=[tracking.TrialRuns(uri, parent, 1, 3)])).fit()
+        results = fit(crashes, "stage1", parent)
+        # MLflow failing under the callback (here: no such parent run) costs records, not trials
+        unrecorded = fit(reports, "unrecorded", "0" * 32)
+    assert unrecorded[0].error is None and unrecorded[0].metrics["epoch"] == 2
+    assert "MLflow: epoch 2 of stage-1 trial" in caplog.text and "the search goes on" in caplog.text
     result = results[0]
     assert _failure(result, 1) == "RuntimeError: CUDA out of memory"
     assert "stage-1 trial (0.1, 0.3) failed after 1 epochs and is not ranked" in caplog.text

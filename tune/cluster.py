@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from wsss.errors import UserError
+from wsss.errors import UserError, first_line
 from wsss.files import atomic_write_bytes
 
 log = logging.getLogger("tune")
@@ -76,7 +76,7 @@ def connect(address: str, *, timeout_s: float = 5.0) -> None:
                     "set RAY_AUTH_TOKEN or write it to ~/.ray/auth_token)")
         else:
             hint = "is its head running (scripts/start-head.sh)?"
-        reason = _first_line(e).split(". ")[0]  # Ray appends its own long advice
+        reason = first_line(e).split(". ")[0]  # Ray appends its own long advice
         raise UserError(f"cannot connect to the Ray cluster at {address}: {reason}; "
                         f"{hint}; {GUIDE}") from None
 
@@ -160,7 +160,7 @@ def _gather(refs: dict[Any, dict[str, Any]], timeout_s: float) -> dict[str, dict
         try:
             results[ip] = ray.get(ref)
         except ray.exceptions.RayError as e:
-            raise UserError(f"the start-up check failed on node {ip}: {_first_line(e)}; is "
+            raise UserError(f"the start-up check failed on node {ip}: {first_line(e)}; is "
                             f"wsss-tune installed in the same Python environment on every node? "
                             f"({GUIDE})") from None
     return results
@@ -217,6 +217,3 @@ def _chain(error: BaseException) -> str:
     return " | ".join(parts)
 
 
-def _first_line(error: BaseException | str) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

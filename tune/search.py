@@ -36,7 +36,7 @@ from tune.space import DefineByRun, Pair, grid_pairs
 from tune.trainables import TrialContext, restored_trial, stage1, stage2
 from wsss.analysis import GROUND_TRUTH_PROXIES, finished_pairs, pick_quality
 from wsss.classifier import create_backbone
-from wsss.errors import UserError
+from wsss.errors import UserError, first_line
 from wsss.files import (
     atomic_write_bytes,
     digest,
@@ -53,9 +53,12 @@ log = logging.getLogger("tune")
 GRID_SPACES = ("paper", "extended", "pairs")
 ASHA_STATE = "asha-state.pkl"  # `ResumableASHA`'s rungs, beside Tune's experiment state
 # Tune reads these from the environment only; `ray_session` sets them for its own duration:
-# experiment snapshots every second make resume exact (docs/search.md), so no warning for them
+# experiment snapshots every second make resume exact (docs/search.md), so no warning for them;
+# and Tune's console output, which its newer engine prints in part even at ``verbose=0`` (an
+# experiment table and paths per stage, between our own progress lines): the older one does not
 TUNE_ENVIRONMENT = {"TUNE_GLOBAL_CHECKPOINT_S": "1",
-                    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+                    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+                    "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,7 @@ class Search:
             raise self._interrupted(getattr(e, "signum", signal.SIGINT),
                                     selection is not None) from None
         finally:
-            tracking.close_children(self.uri, self.parent,
-                                    interrupted=interrupts.received() is not None)
+            tracking.close_children(self.uri, self.parent)
             tracking.finish(self.uri, self.parent, status)
         return SearchResult(self.folder, self.uri, self.parent, table, candidates, selection,
                             report)
@@ -399,8 +401,13 @@ def tuner_for(stage_dir: Path, trainable: Any, param_space: dict[str, Any],
     """The stage's Tuner restored from its folder when resuming what Tune recorded there
     (unfinished and failed trials run again), else ``new()``."""
     if resume and restorable(stage_dir):
-        return tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
-                                  resume_errored=True, param_space=param_space)
+        try:
+            return tune.Tuner.restore(str(stage_dir), trainable, resume_unfinished=True,
+                                      resume_errored=True, param_space=param_space)
+        except (AttributeError, ImportError) as e:  # its pickles name what is gone
+            raise UserError(f"{stage_dir} was recorded by another version of wsss-tune and "
+                            f"cannot be resumed by this one ({first_line(e)}): start the "
+                            f"search again under a new name") from None
     return new()
 
 
@@ -454,23 +461,22 @@ def trials_table(results: tune.ResultGrid, runs: dict[str, str],
     failed = {r.metrics["trial_id"]: int(_failure(r, 1) is not None) for r in results}
     checkpoints = {r.metrics["trial_id"]: r.checkpoint.path if r.checkpoint else None
                    for r in results}
-    last = _metrics(results.get_dataframe())
-    table = last
-    if rank_epoch == "best":
-        trained = last.set_index("trial_id")["training_iteration"]
-        table = _metrics(results.get_dataframe(filter_metric="objective", filter_mode="max"))
-        table = table.assign(training_iteration=table.trial_id.map(trained))
+    curves = [h.assign(trial_id=r.metrics["trial_id"]) for r in results
+              if not (h := _history(r)).empty]
+    epochs = (pd.concat(curves, ignore_index=True).sort_values(["bg", "fg", "epoch"],
+                                                              ignore_index=True)
+              if curves else pd.DataFrame())
+    table = _metrics(results.get_dataframe())
+    if rank_epoch == "best":  # from the curves (each epoch once, in order): the earliest best
+        trained = table.set_index("trial_id")["training_iteration"]
+        best = epochs.loc[epochs.groupby("trial_id", sort=False)["objective"].idxmax()]
+        table = best.assign(training_iteration=best.trial_id.map(trained))
     table = table.assign(rank_epoch=table.epoch.astype(int), failed=table.trial_id.map(failed),
                          checkpoint=table.trial_id.map(checkpoints),
                          mlflow_run_id=table.trial_id.map(runs))
     first = ["bg", "fg", "trial_id", "mlflow_run_id", "checkpoint", "failed",
              "training_iteration", "rank_epoch"]
     table = table[first + [c for c in table if c not in first]]
-    curves = [h.assign(trial_id=r.metrics["trial_id"]) for r in results
-              if not (h := _history(r)).empty]
-    epochs = (pd.concat(curves, ignore_index=True).sort_values(["bg", "fg", "epoch"],
-                                                              ignore_index=True)
-              if curves else pd.DataFrame())
     return table.sort_values(["bg", "fg"], ignore_index=True), epochs
 
 

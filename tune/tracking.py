@@ -10,24 +10,30 @@ RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
 import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 from ray.tune.result import AUTO_RESULT_KEYS, DONE, EXPERIMENT_TAG, SHOULD_CHECKPOINT, TRIAL_ID
 
 from tune.progress import pct
 from tune.space import Pair
-from wsss.errors import UserError
+from wsss.errors import UserError, first_line
 from wsss.objectives import OBJECTIVES
+
+log = logging.getLogger("tune")
 
 EXPERIMENT = "wsss-tune"
 PACKAGES = ("wsss-tune", "torch", "timm", "ray", "mlflow", "optuna", "numpy",
@@ -196,20 +202,17 @@ def finish(uri: str, run_id: str, status: str = "FINISHED", **tags: str) -> None
     client.set_terminated(run_id, status)
 
 
-def close_children(uri: str, parent_id: str, interrupted: bool = False) -> int:
-    """End child runs still RUNNING: after a stage, trials stopped early by ASHA (they end
-    without a word), FINISHED with ``stopped_early=true``; after an interrupt, the trials it
-    stopped, KILLED with ``interrupted=true`` (``--resume`` reopens them). Returns how many."""
+def close_children(uri: str, parent_id: str) -> int:
+    """End the child runs a search leaves RUNNING when it stops before its trials end (an
+    interrupt, an error): KILLED with ``interrupted=true``, which ``--resume`` reopens. Trials
+    that end on their own close their runs (`TrialRuns`). Returns how many."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
     running = client.search_runs([parent.info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent_id}' "
                                  f"and attributes.status = 'RUNNING'")
     for run in running:
-        if interrupted:
-            finish(uri, run.info.run_id, "KILLED", interrupted="true")
-        else:
-            finish(uri, run.info.run_id, "FINISHED", stopped_early="true")
+        finish(uri, run.info.run_id, "KILLED", interrupted="true")
     return len(running)
 
 
@@ -273,27 +276,47 @@ class TrialRuns(Callback):
                 self.uri, run_id, "objective" if self.stage == 1 else "seg_loss")
         return self._runs[trial.trial_id]
 
+    @contextlib.contextmanager
+    def _kept_going(self, trial: Any, what: str) -> Iterator[None]:
+        """An MLflow failure (a locked SQLite file, a server that went away) costs that record,
+        not the stage: Tune would end every trial on an error in a callback. The run is looked
+        up again at the trial's next event; the search's own tables have every epoch."""
+        try:
+            yield
+        except (MlflowException, OSError) as e:
+            self._runs.pop(trial.trial_id, None)
+            log.warning("MLflow: %s of stage-%d trial %s not recorded (%s); the search goes on",
+                        what, self.stage, trial.trial_id, first_line(e))
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run(trial)
+        with self._kept_going(trial, "the start"):
+            self._run(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        run_id, epoch = self._run(trial), int(result["epoch"])
-        if epoch not in self._logged[trial.trial_id]:
-            skip = NOT_LOGGED | (OBJECTIVES.keys() if result.get("degenerate") else set())
-            log_epoch(self.uri, run_id, {k: v for k, v in result.items() if k not in skip
-                                         and not isinstance(v, bool)}, epoch)
-            self._logged[trial.trial_id].add(epoch)
-        if epoch >= self.reports:
-            finish(self.uri, run_id, **({"stopped_early": "false"} if self.stage == 1 else {}))
+        epoch = int(result["epoch"])
+        with self._kept_going(trial, f"epoch {epoch}"):
+            run_id = self._run(trial)
+            if epoch not in self._logged[trial.trial_id]:
+                skip = NOT_LOGGED | (OBJECTIVES.keys() if result.get("degenerate") else set())
+                log_epoch(self.uri, run_id, {k: v for k, v in result.items() if k not in skip
+                                             and not isinstance(v, bool)}, epoch)
+                self._logged[trial.trial_id].add(epoch)
+            if epoch >= self.reports:
+                finish(self.uri, run_id,
+                       **({"stopped_early": "false"} if self.stage == 1 else {}))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
         if self.stage == 1 and result.get("epoch", 0) < self.reports:  # ASHA stopped it
-            finish(self.uri, self._run(trial), stopped_early="true")
+            with self._kept_going(trial, "the early stop"):
+                finish(self.uri, self._run(trial), stopped_early="true")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        finish(self.uri, self._run(trial), "FAILED")
+        with self._kept_going(trial, "the failure"):
+            finish(self.uri, self._run(trial), "FAILED")
+
+
 
 
 def selection_note(selection: dict[str, Any]) -> str:

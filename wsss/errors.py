@@ -11,3 +11,9 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A dataset file is missing, unreadable or inconsistent."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, for a one-line message (its type when it has no text)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -27,7 +27,7 @@ from wsss.augment import augment
 from wsss.classifier import normalise_images
 from wsss.data import IGNORE, SegDataset
 from wsss.devices import resolve_device
-from wsss.errors import UserError
+from wsss.errors import UserError, first_line
 from wsss.files import atomic_write_bytes
 from wsss.metrics import confusion, mean_iou
 from wsss.spec import Spec
@@ -293,7 +293,7 @@ def load_segmentation(path: Path, device: torch.device | str,
         ckpt = torch.load(file, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         raise UserError(f"{file} is not a DeepLabv3+ model file nor a stage-2 checkpoint: "
-                        f"cannot read it ({_first_line(e)})") from None
+                        f"cannot read it ({first_line(e)})") from None
     if isinstance(ckpt, dict) and "state_dict" in ckpt and "arch" in ckpt:  # save_segmentation
         weights, arch, meta = ckpt["state_dict"], ckpt["arch"], ckpt.get("meta", {})
     elif isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:  # a training state
@@ -313,7 +313,7 @@ def load_segmentation(path: Path, device: torch.device | str,
         raise UserError(f"{file}: {e}") from None
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{file}: its weights do not fit its DeepLabv3+ {arch}: "
-                        f"{_first_line(e)}") from None
+                        f"{first_line(e)}") from None
     return model.to(device).eval(), meta
 
 
@@ -330,6 +330,3 @@ def _model_file(path: Path) -> Path:
     return path
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
