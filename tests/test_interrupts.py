@@ -71,6 +71,36 @@ def test_a_stage_killed_before_tune_recorded_it_starts_again(tmp_path):
     assert not restorable(stage)
 
 
+def test_a_stage_recorded_by_another_version_is_a_one_line_error(tmp_path):
+    """A stage whose pickles name a class this version no longer has (an older search's Tune
+    callback) cannot be restored: said in one line, not as a traceback from Tune."""
+    import pickle
+    import types
+
+    from tune.search import tuner_for
+    from wsss.errors import UserError
+
+    gone = types.ModuleType("wsss_tune_gone")
+
+    class Callback:
+        pass
+
+    Callback.__module__, Callback.__qualname__ = gone.__name__, "Callback"
+    gone.Callback = Callback
+    sys.modules[gone.__name__] = gone
+    try:
+        blob = pickle.dumps({"callbacks": [Callback()]})
+    finally:
+        del sys.modules[gone.__name__]
+    stage = tmp_path / "stage1"
+    stage.mkdir()
+    (stage / "tuner.pkl").write_bytes(blob)
+    (stage / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    with pytest.raises(UserError, match=rf"{stage} was recorded by another version of "
+                                        r"wsss-tune .*wsss_tune_gone.*new name"):
+        tuner_for(stage, lambda config: None, {}, lambda: None, resume=True)
+
+
 
 def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
