@@ -191,12 +191,15 @@ class Search:
         write_json_atomic(self.folder / STATE_FILE, self.state)
         return prepared
 
-    def _context(self, prepared: Prepared, cpus: float, gpus: float,
-                 **extra: Any) -> TrialContext:
+    def _trainable(self, fn: Callable[..., None], prepared: Prepared, cpus: float,
+                   gpus: float, **extra: Any) -> Any:
+        """A stage's function trainable: its trials' shared context and resources."""
         cfg = self.cfg
-        return TrialContext(prepared.ref(cfg.data, cfg.trial.subset), cfg.trial, cfg.refine,
-                            cfg.search.objective, cfg.search.rank_epoch, max(1, int(cpus)),
-                            trial_device(cfg.runtime.device, gpus), **extra)
+        context = TrialContext(prepared.ref(cfg.data, cfg.trial.subset), cfg.trial, cfg.refine,
+                               cfg.search.objective, cfg.search.rank_epoch, max(1, int(cpus)),
+                               trial_device(cfg.runtime.device, gpus), **extra)
+        return tune.with_resources(tune.with_parameters(fn, context=context),
+                                   {"cpu": cpus, "gpu": gpus})
 
     def _check_cluster(self) -> None:
         """Before a phase runs trials on a cluster, every node must read the folders they
@@ -221,10 +224,8 @@ class Search:
                                       max_t=reports,
                                       grace_period=min(search.grace_period, reports),
                                       reduction_factor=search.reduction_factor)
-        context = self._context(prepared, search.cpus_per_trial, search.gpus_per_trial)
-        trainable = tune.with_resources(tune.with_parameters(stage1, context=context),
-                                        {"cpu": search.cpus_per_trial,
-                                         "gpu": search.gpus_per_trial})
+        trainable = self._trainable(stage1, prepared, search.cpus_per_trial,
+                                    search.gpus_per_trial)
         total = len(param_space["pair"]["grid_search"]) if param_space else num_samples
 
         def new() -> tune.Tuner:
@@ -235,9 +236,6 @@ class Search:
                 say(f"stage 1: {total} trials ({search.space} space), refiner "
                     f"{cfg.refine.method}, objective {search.objective}, {stopping}, up to "
                     f"{search.max_concurrent} at a time")
-            callbacks = [tracking.TrialRuns(self.uri, self.parent, 1, reports)] + (
-                [Stage1Progress(total, reports, search.objective)]
-                if cfg.runtime.progress else [])
             return tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(metric="objective", mode="max",
@@ -245,7 +243,8 @@ class Search:
                                             num_samples=num_samples,
                                             max_concurrent_trials=search.max_concurrent,
                                             reuse_actors=True),
-                run_config=self._run_config("stage1", callbacks))
+                run_config=self._run_config(1, reports,
+                                            Stage1Progress(total, reports, search.objective)))
 
         results = fit(tuner_for(stage_dir, trainable, param_space, new, self.resume))
         runs = tracking.child_runs(self.uri, self.parent, 1)
@@ -254,8 +253,13 @@ class Search:
         write_csv_atomic(curves, self.folder / "stage1_epochs.csv")
         return table
 
-    def _run_config(self, name: str, callbacks: list[tune.Callback]) -> tune.RunConfig:
-        return tune.RunConfig(name=name, storage_path=str(self.folder), verbose=0,
+    def _run_config(self, stage: int, reports: int, progress: tune.Callback) -> tune.RunConfig:
+        """Stage ``stage``'s Tune run in the search folder: the driver logs its trials to
+        MLflow, and prints ``progress`` lines when asked to."""
+        callbacks = [tracking.TrialRuns(self.uri, self.parent, stage, reports)]
+        if self.cfg.runtime.progress:
+            callbacks.append(progress)
+        return tune.RunConfig(name=f"stage{stage}", storage_path=str(self.folder), verbose=0,
                               checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                               callbacks=callbacks)
 
@@ -284,25 +288,21 @@ class Search:
         if gpus is None:  # a whole GPU per DeepLabv3+ training wherever the cluster has one
             gpus = (1.0 if cfg.runtime.device != "cpu"
                     and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0)
-        context = self._context(prepared, cpus, gpus, segmentation=seg)
+        trainable = self._trainable(stage2, prepared, cpus, gpus, segmentation=seg)
         grid = [{"pair": Pair(r.bg, r.fg)._asdict(), "checkpoint": r.checkpoint}
                 for r in candidates.itertuples()]
-        trainable = tune.with_resources(tune.with_parameters(stage2, context=context),
-                                        {"cpu": cpus, "gpu": gpus})
         param_space = {"candidate": tune.grid_search(grid)}
 
         def new() -> tune.Tuner:
             if cfg.runtime.progress:
                 say(f"stage 2: DeepLabv3+ ({seg.encoder}) on {len(grid)} candidates' "
                     f"pseudo-labels, {seg.epochs} epochs each")
-            callbacks = [tracking.TrialRuns(self.uri, self.parent, 2, seg.epochs)] + (
-                [Stage2Progress(seg.epochs)] if cfg.runtime.progress else [])
             return tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(
                     max_concurrent_trials=search.stage2_max_concurrent or len(grid),
                     reuse_actors=True),
-                run_config=self._run_config("stage2", callbacks))
+                run_config=self._run_config(2, seg.epochs, Stage2Progress(seg.epochs)))
 
         # a resumed search: finished trainings stay done (stage 2 is never resumed from
         # another search's state: it only exists once stage 1 finished here)

@@ -49,9 +49,7 @@ class TrialContext:
         return Trial(prepared, self.trial, self.refine, pair.bg, pair.fg, device=self.device)
 
 
-@functools.lru_cache(maxsize=2)
-def _open_cached(inputs: PreparedRef) -> Prepared:
-    return Prepared.open(inputs)
+_open_cached = functools.lru_cache(maxsize=2)(Prepared.open)
 
 
 def read_checkpoint(folder: Path) -> dict[str, Any]:
